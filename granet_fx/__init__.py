@@ -1,0 +1,13 @@
+"""granet_fx: GraNet sparse training as a torch.fx pass, exported to ONNX."""
+
+from .config import GraNetConfig
+from .controller import GraNet
+from .report import LayerReport, SparsityReport
+from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
+    "SparsityReport", "sparse_info", "sparsify",
+]

@@ -1,0 +1,207 @@
+"""GraNet: the training-time controller that keeps the masks on schedule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PRUNING_METHODS, REGROWTH_METHODS
+from .criteria import drop_smallest, grow_largest, prune_global
+from .report import LayerReport, SparsityReport
+from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
+from .sparsify import initial_counts, sparse_info, unwrap
+
+
+class GraNet:
+    """Runs GraNet (or a related method) on a model returned by ``sparsify``.
+
+    Call ``step()`` once after every ``optimizer.step()``. It re-applies the
+    masks to the weights and to the optimizer state shaped like them, and at
+    update steps prunes along the cubic schedule and regrows connections by
+    gradient (or at random for SET). The weights' ``.grad`` must still hold the
+    current mini-batch's gradient when ``step()`` runs.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = unwrap(model)
+        info = sparse_info(self.model)
+        self.config = info.config
+        self.optimizer = optimizer
+        self.layers = list(info.layers)
+        masked = info.masked
+        self._names = [l.name for l in masked]
+        self._weights = [self.model.get_parameter(l.name) for l in masked]
+        self._masks = [self.model.get_buffer(l.mask_name) for l in masked]
+        self.step_count = 0
+        self._generator = torch.Generator().manual_seed(self.config.seed + 1)
+        self._train_macs = 0.0
+        self._dense_macs = None
+        if all(l.macs is not None for l in self.layers):
+            self._dense_macs = sum(l.macs for l in self.layers)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, w in zip(self._names, self._weights) if id(w) not in in_optimizer]
+        if missing:
+            warnings.warn(f"granet_fx: masked weights not in the optimizer: {', '.join(missing)}", stacklevel=2)
+        shapes = [l.shape for l in masked]
+        self._final_counts = initial_counts(self.config, shapes, self.config.final_sparsity)
+        self._start_counts = initial_counts(self.config, shapes, self.config.start_sparsity)
+        self._count_active()
+        self.apply_masks()
+
+    # The schedule -----------------------------------------------------------
+    def target_sparsity(self, step: int | None = None) -> float:
+        """Global sparsity that the schedule asks for at ``step`` (default: now)."""
+        c = self.config
+        t = self.step_count if step is None else step
+        if c.method in PRUNING_METHODS:
+            return cubic_sparsity(t, c.initial_sparsity, c.final_sparsity, c.prune_start, c.prune_end_step)
+        return c.start_sparsity
+
+    def regrow_fraction(self, step: int | None = None) -> float:
+        """Fraction of each layer's active weights dropped and regrown at ``step``."""
+        c = self.config
+        t = self.step_count if step is None else step
+        if c.method == "rigl":
+            return rigl_fraction(t, c.total_steps, c.regrow_fraction)
+        if c.method in REGROWTH_METHODS:
+            return cosine_fraction(t, c.total_steps, c.regrow_fraction, c.regrow_fraction_min)
+        return 0.0
+
+    def _prunes_at(self, t: int) -> bool:
+        c = self.config
+        if c.method not in PRUNING_METHODS or not c.prune_start <= t <= c.prune_end_step:
+            return False
+        return t == c.prune_end_step or is_update_step(t, c.prune_start, c.update_every)
+
+    def _regrows_at(self, t: int) -> bool:
+        c = self.config
+        if c.method not in REGROWTH_METHODS or t >= c.total_steps:
+            return False
+        start = c.prune_start if c.method == "granet" else 0
+        return is_update_step(t, start, c.update_every) and self.regrow_fraction(t) > 0
+
+    # The training-time step -------------------------------------------------
+    def step(self) -> bool:
+        """Advance one optimizer step; returns True when the masks were updated."""
+        if self._dense_macs is not None:
+            self._train_macs += self._sparse_macs()
+        self.step_count += 1
+        t = self.step_count
+        self.apply_masks()
+        prune, regrow = self._prunes_at(t), self._regrows_at(t)
+        if not (prune or regrow):
+            return False
+        if regrow and not self._gradients_finite():
+            warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=2)
+            return False
+        if prune:
+            self._prune(t)
+        if regrow:
+            self._regrow(t)
+        self._count_active()
+        return True
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero pruned weights and the optimizer state shaped like them (momentum, Adam moments)."""
+        for w, m in zip(self._weights, self._masks):
+            w.mul_(m)
+            for value in self.optimizer.state.get(w, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                    value.mul_(m)
+
+    @torch.no_grad()
+    def _prune(self, t: int) -> None:
+        c = self.config
+        scores = [w.abs() for w in self._weights]
+        if c.scope == "global":
+            keep = round((1.0 - self.target_sparsity(t)) * sum(m.numel() for m in self._masks))
+            new = prune_global(scores, self._masks, keep)
+        else:
+            new = []
+            for s, m, n0, nf in zip(scores, self._masks, self._start_counts, self._final_counts):
+                n = m.numel()
+                sparsity = cubic_sparsity(t, 1 - n0 / n, 1 - nf / n, c.prune_start, c.prune_end_step)
+                new.append(drop_smallest(s, m, int(m.sum()) - round((1.0 - sparsity) * n)))
+        for m, n in zip(self._masks, new):
+            m.copy_(n)
+        self.apply_masks()
+
+    @torch.no_grad()
+    def _regrow(self, t: int) -> None:
+        fraction = self.regrow_fraction(t)
+        for w, m in zip(self._weights, self._masks):
+            if w.grad is None:
+                continue
+            n = math.ceil(fraction * int(m.sum()))
+            kept = drop_smallest(w.abs(), m, n)
+            if self.config.method == "set":
+                score = torch.rand(m.shape, generator=self._generator).to(m.device)
+            else:
+                score = w.grad.abs()
+            m.copy_(grow_largest(score, kept, n))
+        self.apply_masks()
+
+    def _gradients_finite(self) -> bool:
+        grads = [w.grad for w in self._weights if w.grad is not None]
+        if not grads:
+            raise RuntimeError(
+                "granet_fx: no gradients at a mask update; call granet.step() after "
+                "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
+            )
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    # Book-keeping ----------------------------------------------------------
+    def _count_active(self) -> None:
+        self._active = {n: int(m.sum()) for n, m in zip(self._names, self._masks)}
+
+    def _sparse_macs(self) -> float:
+        return sum(l.macs * self._active.get(l.name, l.numel) / l.numel for l in self.layers)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """A copy of every mask: weight name -> bool tensor (True = kept)."""
+        return {n: m.clone() for n, m in zip(self._names, self._masks)}
+
+    def report(self) -> SparsityReport:
+        layers = [
+            LayerReport(l.name, l.kind, l.shape, l.numel, self._active.get(l.name, l.numel),
+                        l.mask_name is not None, l.macs)
+            for l in self.layers
+        ]
+        training = None
+        if self._dense_macs and self.step_count:
+            training = self._train_macs / (self._dense_macs * self.step_count)
+        return SparsityReport(
+            method=self.config.method,
+            step=self.step_count,
+            total_steps=self.config.total_steps,
+            target_sparsity=self.target_sparsity(),
+            regrow_fraction=self.regrow_fraction(),
+            layers=layers,
+            training_flops=training,
+        )
+
+    # Resume -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position and random state; the masks live in the model's state_dict."""
+        return {
+            "step": self.step_count,
+            "generator": self._generator.get_state(),
+            "train_macs": self._train_macs,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.config.to_dict()
+        theirs = state.get("config", {})
+        differ = sorted(k for k in mine if theirs.get(k, mine[k]) != mine[k])
+        if differ:
+            raise ValueError(f"GraNet state was saved with a different config: {', '.join(differ)} differ")
+        self.step_count = int(state["step"])
+        self._generator.set_state(state["generator"])
+        self._train_macs = float(state.get("train_macs", 0.0))
+        self._count_active()

@@ -1,0 +1,95 @@
+"""Small reference models for examples, tests and benchmarks (no torchvision needed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mnist1dCNN(nn.Module):
+    """A 1D CNN for MNIST-1D: input (N, 1, 40), 10 classes; 31k weights at 64 channels."""
+
+    def __init__(self, channels: int = 64, num_classes: int = 10):
+        super().__init__()
+        c = channels
+        self.conv1 = nn.Conv1d(1, c, 5, padding=2)
+        self.conv2 = nn.Conv1d(c, c, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv1d(c, c, 3, padding=1, stride=2)
+        self.fc = nn.Linear(c * 10, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with batch norm and a residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-size ResNet (3x3 stem, four stages, global pooling)."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), width: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
+    """ResNet-18 for 32x32 inputs (11M parameters at width 64)."""
+    return ResNet((2, 2, 2, 2), width, num_classes)
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer encoder block written with plain Linear layers."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))

@@ -1,0 +1,184 @@
+"""Trace a model into fx graphs whose conv/linear weights are visible.
+
+Conv and linear modules are traced through, so their weight becomes a
+``get_attr`` node feeding a ``conv2d``/``linear`` call that later passes can
+rewrite. Other torch.nn modules (batch norm, dropout, attention, ...) stay
+``call_module`` leaves and keep their train/eval behaviour.
+
+A model that does not trace whole is traced piecewise: a submodule whose code
+fx cannot trace becomes an opaque leaf of its parent's graph and is then
+traced on its own, down to single conv/linear layers if need be. Every
+conv/linear that runs through ``Module.__call__`` ends up in some graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import fx, nn
+
+from .ops import WEIGHT_MODULES, weight_uses
+
+
+@dataclass
+class Piece:
+    """A traced region: the GraphModule now living at ``prefix`` in the rewritten model."""
+
+    prefix: str
+    module: fx.GraphModule
+
+    def global_name(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else target
+
+
+class _Tracer(fx.Tracer):
+    """Traces through conv/linear modules; remembers the innermost module that failed."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
+        if isinstance(m, WEIGHT_MODULES):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                qualname = self.path_of_module(m)
+                if not self.is_leaf_module(m, qualname):
+                    self.failed_in = qualname
+            raise
+
+
+def has_weight_modules(module: nn.Module) -> bool:
+    return any(isinstance(m, WEIGHT_MODULES) for m in module.modules())
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module, mode: bool) -> Iterator[None]:
+    """Put every submodule in train or eval mode, then restore each one's own mode."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(mode)
+    try:
+        yield
+    finally:
+        for m, was_training in saved:
+            m.training = was_training
+
+
+def _trace_graph(module: nn.Module) -> tuple[fx.Graph, set[str]] | None:
+    """Trace ``module``, turning submodules that fx cannot trace into opaque leaves.
+
+    A submodule fails when its code does not trace, or when its graph depends on
+    train/eval mode (fx would freeze one branch of ``self.training``). Returns
+    None when the module's own code is such a failure.
+    """
+    opaque: set[str] = set()
+    n_modules = sum(1 for _ in module.modules())
+    for _ in range(n_modules + 1):
+        graphs = []
+        for mode in (True, False):
+            tracer = _Tracer(opaque)
+            try:
+                with training_mode(module, mode):
+                    graphs.append(tracer.trace(module))
+            except Exception:
+                culprit = tracer.failed_in
+                break
+        else:
+            culprit = _first_difference(*graphs)
+            if culprit == "":
+                return graphs[0], opaque
+        if culprit is None or culprit in opaque:
+            return None
+        opaque.add(culprit)
+    return None
+
+
+def _first_difference(a: fx.Graph, b: fx.Graph) -> str | None:
+    """"" when the graphs are the same, else the innermost module whose code made them differ
+    (None when that is the traced module's own code)."""
+    nodes_b = list(b.nodes)
+    for i, x in enumerate(a.nodes):
+        y = nodes_b[i] if i < len(nodes_b) else None
+        if y is not None and (x.op, x.target, str(x.args), str(x.kwargs)) == (y.op, y.target, str(y.args), str(y.kwargs)):
+            continue
+        stack = x.meta.get("nn_module_stack") or {}
+        return next(reversed(stack)) if stack else None
+    return "" if len(nodes_b) == len(a.nodes) else None
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running ``graph`` that keeps ``module``'s own submodules, tensors and attributes.
+
+    fx would copy only what the graph reads, into bare modules; keeping the
+    original children preserves every state-dict key, module types and attributes.
+    """
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for name, child in module.named_children():
+        gm.add_module(name, child)
+    for name, p in module._parameters.items():
+        if name not in gm._parameters:
+            gm.register_parameter(name, p)
+    for name, b in module._buffers.items():
+        if name not in gm._buffers:
+            gm.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key not in vars(gm) and not hasattr(type(gm), key):
+            vars(gm)[key] = value
+    gm.training = module.training
+    for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        getattr(gm, hooks).update(getattr(module, hooks))
+    return gm
+
+
+def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent_name, _, name = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, new)
+
+
+def trace_pieces(module: nn.Module, prefix: str = "") -> tuple[nn.Module, list[Piece]]:
+    """Rewrite ``module`` into traced pieces; returns the new module and its pieces.
+
+    The new module is a GraphModule when ``module`` traced (with its untraceable
+    parts as leaves), else ``module`` itself with traced children. Submodules
+    are replaced in place, so ``module`` should not be used afterwards.
+    """
+    join = (lambda name: f"{prefix}.{name}" if prefix else name)
+    traced = _trace_graph(module)
+    if traced is None:
+        pieces: list[Piece] = []
+        for name, child in list(module.named_children()):
+            if not has_weight_modules(child):
+                continue
+            new_child, sub = trace_pieces(child, join(name))
+            if new_child is not child:
+                setattr(module, name, new_child)
+            pieces += sub
+        return module, pieces
+
+    graph, _ = traced
+    gm = _graph_module(module, graph)
+    rewritten = bool(weight_uses(gm))
+    pieces = [Piece(prefix, gm)] if rewritten else []
+    leaves = [n.target for n in graph.nodes if n.op == "call_module"]
+    for qualname in dict.fromkeys(leaves):
+        child = module.get_submodule(qualname)
+        if not has_weight_modules(child):
+            continue
+        new_child, sub = trace_pieces(child, join(qualname))
+        if new_child is not child:
+            _set_submodule(module, qualname, new_child)
+            _set_submodule(gm, qualname, new_child)
+        pieces += sub
+    return (gm if rewritten else module), pieces

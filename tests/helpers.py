@@ -1,0 +1,49 @@
+"""Small models and a training loop shared by the tests."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(20, 30, 10)):
+        super().__init__()
+        self.fc1 = nn.Linear(sizes[0], sizes[1])
+        self.fc2 = nn.Linear(sizes[1], sizes[2])
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 8, 5, padding=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 16, 3, padding=1)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv1(x)))
+        x = F.relu(self.conv2(x)).mean(-1)
+        return self.fc(self.drop(x))
+
+
+def batches(n, shape, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g)) for _ in range(n)]
+
+
+def train(model, optimizer, granet, data, forward=None):
+    """One optimizer step and one granet.step() per batch; returns the losses."""
+    forward = model if forward is None else forward
+    losses = []
+    for x, y in data:
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        granet.step()
+        losses.append(loss.item())
+    return losses

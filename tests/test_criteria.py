@@ -1,0 +1,97 @@
+"""ERK, apportioning, pruning and regrowth against hand-worked or brute-force references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from granet_fx.criteria import (
+    apportion, drop_smallest, erk_densities, grow_largest, prune_global, random_mask, uniform_densities,
+)
+
+# conv1d 16x1x5, conv1d 32x16x3, linear 10x32. ERK's raw score sum(shape)/prod(shape)
+# times numel is sum(shape): 22, 51 and 42, so eps = density * N / 115.
+SHAPES = {"conv1": (16, 1, 5), "conv2": (32, 16, 3), "fc": (10, 32)}
+N = 80 + 1536 + 320
+
+
+def test_erk_without_dense_layers():
+    eps = 0.1 * N / 115
+    expected = {"conv1": eps * 22 / 80, "conv2": eps * 51 / 1536, "fc": eps * 42 / 320}
+    got = erk_densities(SHAPES, 0.1)
+    assert got == pytest.approx(expected)
+    assert sum(got[k] * math.prod(s) for k, s in SHAPES.items()) == pytest.approx(0.1 * N)
+
+
+def test_erk_makes_small_layers_dense_first():
+    # At density 0.5: eps = 968/115 puts conv1 above 1 -> dense; then eps = 888/93 puts
+    # fc above 1 -> dense; conv2 takes the rest: 968 - 80 - 320 = 568 of 1536.
+    got = erk_densities(SHAPES, 0.5)
+    assert got == pytest.approx({"conv1": 1.0, "fc": 1.0, "conv2": 568 / 1536})
+
+
+def test_uniform():
+    assert uniform_densities(SHAPES, 0.2) == {"conv1": 0.2, "conv2": 0.2, "fc": 0.2}
+
+
+def test_apportion_adds_up_and_stays_within_layers():
+    numels = [80, 1536, 320]
+    counts = apportion(numels, [0.4629, 0.0559, 0.2209], 194)
+    assert sum(counts) == 194
+    assert counts == [37, 86, 71]  # floors 37, 85, 70 plus the two largest remainders
+    assert apportion([10, 10], [1.0, 1.0], 20) == [10, 10]
+
+
+def test_random_mask_exact_count():
+    g = torch.Generator().manual_seed(1)
+    m = random_mask((7, 9), 20, g)
+    assert m.dtype == torch.bool and m.shape == (7, 9) and int(m.sum()) == 20
+
+
+def test_prune_global_matches_plain_topk():
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4, 3), torch.randn(16, 8), torch.randn(5, 16)]
+    masks = [torch.rand(w.shape) > 0.3 for w in weights]
+    keep = 100
+    new = prune_global([w.abs() for w in weights], masks, keep)
+    # Reference: top-k over all active magnitudes at once, in numpy.
+    flat = np.concatenate([(w.abs() * m).flatten().numpy() for w, m in zip(weights, masks)])
+    active = np.concatenate([m.flatten().numpy() for m in masks])
+    flat[~active] = -1.0
+    order = np.argsort(-flat, kind="stable")[:keep]
+    expected = np.zeros_like(active)
+    expected[order] = True
+    got = np.concatenate([m.flatten().numpy() for m in new])
+    assert got.sum() == keep
+    assert (got == expected).all()
+
+
+def test_prune_global_breaks_ties_and_keeps_count():
+    weights = [torch.zeros(10), torch.ones(10)]
+    masks = [torch.ones(10, dtype=torch.bool), torch.ones(10, dtype=torch.bool)]
+    new = prune_global([w.abs() for w in weights], masks, 13)
+    assert int(new[1].sum()) == 10 and int(new[0].sum()) == 3
+
+
+def test_drop_smallest_brute_force():
+    torch.manual_seed(1)
+    w = torch.randn(6, 7)
+    mask = torch.rand(6, 7) > 0.4
+    new = drop_smallest(w.abs(), mask, 5)
+    idx = [i for i in np.argsort(w.abs().flatten().numpy()) if mask.flatten()[i]][:5]
+    expected = mask.clone().flatten()
+    expected[idx] = False
+    assert torch.equal(new.flatten(), expected)
+
+
+def test_grow_largest_brute_force():
+    torch.manual_seed(2)
+    grad = torch.randn(6, 7)
+    mask = torch.rand(6, 7) > 0.5
+    new = grow_largest(grad.abs(), mask, 4)
+    idx = [i for i in np.argsort(-grad.abs().flatten().numpy()) if not mask.flatten()[i]][:4]
+    expected = mask.clone().flatten()
+    expected[idx] = True
+    assert torch.equal(new.flatten(), expected)
+    assert not torch.equal(new, mask)
