@@ -14,7 +14,12 @@ WEIGHT_OPS = {
     F.conv2d: "conv2d",
     F.conv3d: "conv3d",
     F.linear: "linear",
+    torch.addmm: "addmm",
 }
+# Where an op takes its weight, when not as its second argument ``weight``:
+# addmm(bias, x, weight) is how HF's GPT-2 ``Conv1D`` computes a linear layer
+# with the weight laid out (in, out) instead of linear's (out, in).
+WEIGHT_ARGS = {torch.addmm: (2, "mat2")}
 # The modules whose forward is one of the ops above; fx traces into them.
 WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -28,11 +33,15 @@ class WeightUse:
     kind: str
 
 
+def weight_argument(target, args: tuple, kwargs: dict):
+    """The weight argument of a call to the weight op ``target`` (a node or a tensor), or None."""
+    index, keyword = WEIGHT_ARGS.get(target, (1, "weight"))
+    return args[index] if len(args) > index else kwargs.get(keyword)
+
+
 def weight_operand(node: fx.Node) -> fx.Node | None:
     """The weight argument of a conv/linear call node, or None."""
-    if len(node.args) > 1:
-        return node.args[1] if isinstance(node.args[1], fx.Node) else None
-    w = node.kwargs.get("weight")
+    w = weight_argument(node.target, node.args, node.kwargs)
     return w if isinstance(w, fx.Node) else None
 
 
@@ -58,6 +67,10 @@ def is_weight_op(func) -> bool:
     return func in WEIGHT_OPS
 
 
-def macs_of(output: torch.Tensor, weight: torch.Tensor) -> int:
-    """Multiply-accumulates of a conv/linear call: one per output element per weight feeding it."""
-    return output.numel() * (weight.numel() // weight.shape[0])
+def macs_of(output: torch.Tensor, weight: torch.Tensor, func=F.linear) -> int:
+    """Multiply-accumulates of a conv/linear call: one per output element per weight feeding it.
+
+    Conv/linear weights are (out, in, ...); addmm's is (in, out).
+    """
+    fan_in = weight.shape[0] if func is torch.addmm else weight.numel() // weight.shape[0]
+    return output.numel() * fan_in

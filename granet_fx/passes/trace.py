@@ -60,7 +60,9 @@ class _Tracer(fx.Tracer):
 
 
 def has_weight_modules(module: nn.Module) -> bool:
-    return any(isinstance(m, WEIGHT_MODULES) for m in module.modules())
+    """True when ``module`` may run a weight op: it holds a parameter of two or more
+    dimensions (a conv/linear weight, or one that ``addmm`` uses like HF's ``Conv1D``)."""
+    return any(p.dim() >= 2 for p in module.parameters())
 
 
 @contextlib.contextmanager
