@@ -73,9 +73,18 @@ class GraNet:
 
     def _prunes_at(self, t: int) -> bool:
         c = self.config
-        if c.method not in PRUNING_METHODS or not c.prune_start <= t <= c.prune_end_step:
+        if c.method not in PRUNING_METHODS or t < c.prune_start:
             return False
+        if t > c.prune_end_step:    # only to make up for an update that was skipped
+            return is_update_step(t, c.prune_start, c.update_every) and self._above_final()
         return t == c.prune_end_step or is_update_step(t, c.prune_start, c.update_every)
+
+    def _above_final(self) -> bool:
+        active = [self._active[n] for n in self._names]
+        if self.config.scope == "global":
+            n = sum(m.numel() for m in self._masks)
+            return sum(active) > max(round((1.0 - self.config.final_sparsity) * n), len(active))
+        return any(a > f for a, f in zip(active, self._final_counts))
 
     def _regrows_at(self, t: int) -> bool:
         c = self.config
@@ -95,8 +104,9 @@ class GraNet:
         prune, regrow = self._prunes_at(t), self._regrows_at(t)
         if not (prune or regrow):
             return False
-        if regrow and not self._gradients_finite():
-            warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=2)
+        problem = self._gradient_problem() if regrow else None
+        if problem:
+            warnings.warn(f"granet_fx: {problem} at step {t}; mask update skipped", stacklevel=2)
             return False
         if prune:
             self._prune(t)
@@ -146,14 +156,19 @@ class GraNet:
             m.copy_(grow_largest(score, kept, n))
         self.apply_masks()
 
-    def _gradients_finite(self) -> bool:
+    def _gradient_problem(self) -> str | None:
+        """Why the gradients cannot guide regrowth (non-finite, or all zero as after an empty batch)."""
         grads = [w.grad for w in self._weights if w.grad is not None]
         if not grads:
             raise RuntimeError(
                 "granet_fx: no gradients at a mask update; call granet.step() after "
                 "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
             )
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return "non-finite gradient"
+        if not any(bool(g.any()) for g in grads):
+            return "gradient zero everywhere (an empty batch?)"
+        return None
 
     # Book-keeping ----------------------------------------------------------
     def _count_active(self) -> None:

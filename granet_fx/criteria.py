@@ -57,10 +57,12 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], sparsity: float, distri
 def apportion(numels: Sequence[int], densities: Sequence[float], total: int) -> list[int]:
     """Whole weight counts per layer, close to ``density * numel``, that add up to ``total``.
 
-    Largest-remainder rounding, never above a layer's size.
+    Largest-remainder rounding, never above a layer's size, and never below one
+    weight per layer when ``total`` has that many.
     """
     ideal = [d * n for d, n in zip(densities, numels)]
-    counts = [min(int(math.floor(x)), n) for x, n in zip(ideal, numels)]
+    least = 1 if total >= len(numels) else 0
+    counts = [min(max(int(math.floor(x)), least), n) for x, n in zip(ideal, numels)]
     left = total - sum(counts)
     by_remainder = sorted(range(len(counts)), key=lambda i: counts[i] - ideal[i])
     while left > 0:
@@ -77,7 +79,7 @@ def apportion(numels: Sequence[int], densities: Sequence[float], total: int) -> 
     for i in reversed(by_remainder):
         if left >= 0:
             break
-        take = min(counts[i], -left)
+        take = min(counts[i] - min(least, numels[i]), -left)
         counts[i] -= take
         left += take
     return counts
@@ -97,21 +99,41 @@ def random_mask(shape: Sequence[int], keep: int, generator: torch.Generator | No
 def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
     """Keep the ``keep`` active entries with the largest score over all layers together.
 
+    No layer is emptied: every layer with an active entry keeps at least its
+    largest one (``keep`` is raised to the number of such layers if smaller).
     Ties at the threshold are broken by position (layer order, then flat index).
     """
     device = masks[0].device
-    active = torch.cat([s.detach()[m].float().to(device) for s, m in zip(scores, masks)])
+    parts, tops = [], []
+    for s, m in zip(scores, masks):
+        active = s.detach()[m].float().to(device)
+        top = None
+        if active.numel():
+            i = int(active.argmax())
+            top = active[i].item()
+            active[i] = math.inf    # the layer's largest entry is never below the threshold
+        parts.append(active)
+        tops.append(top)
+    active = torch.cat(parts)
+    keep = max(keep, sum(top is not None for top in tops))
     n_drop = active.numel() - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
     threshold = torch.kthvalue(active, n_drop).values.item()
     ties_to_drop = n_drop - int((active < threshold).sum())
     result = []
-    for s, m in zip(scores, masks):
+    for s, m, top in zip(scores, masks, tops):
         s = s.detach().float()
         drop = m & (s < threshold)
+        best = None
+        if top is not None:     # the first active entry holding the layer's largest score
+            best = int((m & (s == top)).flatten().nonzero()[0])
+            drop.view(-1)[best] = False
         if ties_to_drop > 0:
-            ties = (m & (s == threshold)).flatten().nonzero().squeeze(1)[:ties_to_drop]
+            ties = (m & (s == threshold)).flatten().nonzero().squeeze(1)
+            if best is not None:
+                ties = ties[ties != best]
+            ties = ties[:ties_to_drop]
             drop.view(-1)[ties] = True
             ties_to_drop -= ties.numel()
         result.append(m & ~drop)

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from .config import GraNetConfig
 from .criteria import layer_densities, apportion, random_mask
 from .passes.insert_masks import insert_masks
-from .passes.ops import WEIGHT_MODULES, is_weight_op, macs_of, weight_uses
+from .passes.ops import WEIGHT_MODULES, is_weight_op, macs_of, weight_argument, weight_uses
 from .passes.trace import Piece, trace_pieces, training_mode
 
 INFO_ATTR = "_granet_fx"
@@ -80,7 +80,7 @@ def initial_counts(config: GraNetConfig, shapes: Sequence[Sequence[int]], sparsi
         return numels
     named = {str(i): s for i, s in enumerate(shapes)}
     densities = layer_densities(named, sparsity, config.distribution)
-    total = round((1.0 - sparsity) * sum(numels))
+    total = max(round((1.0 - sparsity) * sum(numels)), len(numels))   # at least one weight per layer
     return apportion(numels, [densities[str(i)] for i in range(len(shapes))], total)
 
 
@@ -210,9 +210,9 @@ class _MacCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if is_weight_op(func):
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            weight = weight_argument(func, args, kwargs)
             if isinstance(weight, nn.Parameter) and isinstance(out, torch.Tensor):
-                self.macs[id(weight)] = self.macs.get(id(weight), 0) + macs_of(out, weight)
+                self.macs[id(weight)] = self.macs.get(id(weight), 0) + macs_of(out, weight, func)
         return out
 
 
