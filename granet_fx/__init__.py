@@ -1,5 +1,6 @@
 """granet_fx: GraNet sparse training as a torch.fx pass, exported to ONNX."""
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GraNetConfig
 from .controller import GraNet
 from .report import LayerReport, SparsityReport
@@ -10,4 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
+    "load_checkpoint", "save_checkpoint",
 ]

@@ -1,0 +1,112 @@
+"""Crash-safe checkpoints: a run killed with SIGKILL and resumed ends where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import granet_fx as gf
+import granet_fx.checkpoint as checkpoint
+
+from helpers import MLP, batches, train
+
+RUN = Path(__file__).with_name("checkpoint_run.py")
+
+
+def run(folder, *args, **kw):
+    return subprocess.Popen([sys.executable, str(RUN), str(folder), *args], stdout=subprocess.PIPE,
+                            text=True, cwd=RUN.parent, **kw)
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir()
+    crashed.mkdir()
+    a = run(straight)
+    b = run(crashed, "--pause", "0.1")
+    try:
+        for line in b.stdout:           # kill it some time after its third checkpoint
+            if line.strip() == "saved 15":
+                break
+        b.send_signal(signal.SIGKILL)
+        assert b.wait() == -signal.SIGKILL
+        assert a.wait() == 0
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not (crashed / "final.pt").exists()
+    step = torch.load(crashed / "ckpt.pt", weights_only=True)["extra"]["step"]
+    assert 15 <= step < 40
+    c = run(crashed, "--resume")
+    assert c.wait(timeout=300) == 0
+    want = torch.load(straight / "final.pt", weights_only=True)
+    got = torch.load(crashed / "final.pt", weights_only=True)
+    assert want["masks"].keys() == got["masks"].keys()
+    for k, m in want["masks"].items():
+        assert torch.equal(m, got["masks"][k]), k
+    for k, v in want["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = gf.sparsify(MLP(), gf.GraNetConfig(method="set", final_sparsity=0.7, total_steps=20, update_every=2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, gf.GraNet(model, opt)
+
+
+def test_checkpoint_restores_everything_in_process(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model, opt, granet = make()
+    train(model, opt, granet, batches(6, (8, 20), 10))
+    gf.save_checkpoint(path, model, opt, granet, step=6, note="six")
+    after_save = torch.rand(3), granet.masks()
+    train(model, opt, granet, batches(4, (8, 20), 10, seed=1))
+    expected = granet.masks(), model.state_dict()
+
+    other, other_opt, other_granet = make(seed=1)       # different initial weights and masks
+    extra = gf.load_checkpoint(path, other, other_opt, other_granet)
+    assert extra == {"step": 6, "note": "six"}
+    assert other_granet.step_count == 6
+    assert torch.equal(torch.rand(3), after_save[0])   # the global generator is back where it was
+    assert all(torch.equal(after_save[1][k], v) for k, v in other_granet.masks().items())
+    train(other, other_opt, other_granet, batches(4, (8, 20), 10, seed=1))
+    assert all(torch.equal(expected[0][k], v) for k, v in other_granet.masks().items())
+    assert all(torch.equal(expected[1][k], v) for k, v in other.state_dict().items())
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model, opt, granet = make()
+    gf.save_checkpoint(path, model, opt, granet, step=0)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        gf.save_checkpoint(path, model, opt, granet, step=1)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_bad_files_are_refused_with_a_clear_error(tmp_path):
+    model, opt, granet = make()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt is not a readable granet_fx checkpoint"):
+        gf.load_checkpoint(corrupt, model, opt, granet)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": model.state_dict()}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt is not a granet_fx checkpoint"):
+        gf.load_checkpoint(foreign, model, opt, granet)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gf.save_checkpoint(tmp_path / "missing" / "ckpt.pt", model, opt, granet)
