@@ -102,11 +102,16 @@ class GraNet:
         t = self.step_count
         self.apply_masks()
         prune, regrow = self._prunes_at(t), self._regrows_at(t)
+        if regrow:
+            size = self._gradient_size()
+            if not math.isfinite(size):
+                warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=2)
+                return False
+            if size == 0.0:
+                warnings.warn(f"granet_fx: gradient zero everywhere (an empty batch?) at step {t}; "
+                              "regrowth skipped", stacklevel=2)
+                regrow = False
         if not (prune or regrow):
-            return False
-        problem = self._gradient_problem() if regrow else None
-        if problem:
-            warnings.warn(f"granet_fx: {problem} at step {t}; mask update skipped", stacklevel=2)
             return False
         if prune:
             self._prune(t)
@@ -147,7 +152,7 @@ class GraNet:
         for w, m in zip(self._weights, self._masks):
             if w.grad is None:
                 continue
-            n = math.ceil(fraction * int(m.sum()))
+            n = math.ceil(fraction * int(torch.count_nonzero(m)))
             kept = drop_smallest(w.abs(), m, n)
             if self.config.method == "set":
                 score = torch.rand(m.shape, generator=self._generator).to(m.device)
@@ -156,23 +161,19 @@ class GraNet:
             m.copy_(grow_largest(score, kept, n))
         self.apply_masks()
 
-    def _gradient_problem(self) -> str | None:
-        """Why the gradients cannot guide regrowth (non-finite, or all zero as after an empty batch)."""
+    def _gradient_size(self) -> float:
+        """Sum of |gradient| over the masked weights: inf or NaN if an entry is (or on overflow), 0 after an empty batch."""
         grads = [w.grad for w in self._weights if w.grad is not None]
         if not grads:
             raise RuntimeError(
                 "granet_fx: no gradients at a mask update; call granet.step() after "
                 "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
             )
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            return "non-finite gradient"
-        if not any(bool(g.any()) for g in grads):
-            return "gradient zero everywhere (an empty batch?)"
-        return None
+        return float(sum(torch.linalg.vector_norm(g, 1, dtype=torch.float32) for g in grads))
 
     # Book-keeping ----------------------------------------------------------
     def _count_active(self) -> None:
-        self._active = {n: int(m.sum()) for n, m in zip(self._names, self._masks)}
+        self._active = {n: int(torch.count_nonzero(m)) for n, m in zip(self._names, self._masks)}
 
     def _sparse_macs(self) -> float:
         return sum(l.macs * self._active.get(l.name, l.numel) / l.numel for l in self.layers)

@@ -120,43 +120,50 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     if n_drop <= 0:
         return [m.clone() for m in masks]
     threshold = torch.kthvalue(active, n_drop).values.item()
-    ties_to_drop = n_drop - int((active < threshold).sum())
+    ties_kept = int(torch.count_nonzero(active <= threshold)) - n_drop
+    del active, parts
     result = []
     for s, m, top in zip(scores, masks, tops):
-        s = s.detach().float()
-        drop = m & (s < threshold)
-        best = None
-        if top is not None:     # the first active entry holding the layer's largest score
-            best = int((m & (s == top)).flatten().nonzero()[0])
-            drop.view(-1)[best] = False
-        if ties_to_drop > 0:
-            ties = (m & (s == threshold)).flatten().nonzero().squeeze(1)
-            if best is not None:
-                ties = ties[ties != best]
-            ties = ties[:ties_to_drop]
-            drop.view(-1)[ties] = True
-            ties_to_drop -= ties.numel()
-        result.append(m & ~drop)
+        kept = m & (s.detach().float() > threshold)
+        if top is not None and top <= threshold:    # put back the layer's first largest entry
+            kept.view(-1)[int((m & (s.detach().float() == top)).flatten().nonzero()[0])] = True
+        result.append(kept)
+    for s, m, kept in reversed(list(zip(scores, masks, result))):
+        if ties_kept <= 0:      # ties at the threshold: the last ones in position order stay
+            break
+        ties = (m & ~kept & (s.detach().float() == threshold)).flatten().nonzero().squeeze(1)
+        back = ties[max(ties.numel() - ties_kept, 0):]
+        kept.view(-1)[back] = True
+        ties_kept -= back.numel()
     return result
 
 
 def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     """Deactivate the ``n`` active entries with the smallest score."""
-    new = mask.clone()
-    n = min(n, int(mask.sum()))
-    if n <= 0:
-        return new
-    s = score.detach().float().masked_fill(~mask, math.inf).flatten()
-    new.view(-1)[torch.topk(s, n, largest=False).indices] = False
-    return new
+    return mask & ~_extreme(score, mask, n, largest=False)
 
 
 def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     """Activate the ``n`` inactive entries with the largest score."""
-    new = mask.clone()
-    n = min(n, int((~mask).sum()))
+    return mask | _extreme(score, ~mask, n, largest=True)
+
+
+def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
+    """The ``n`` candidate entries with the smallest (or largest) score, as a bool mask.
+
+    Selects by a threshold found with ``kthvalue`` (linear time, no sort and no
+    index list); ties at the threshold go to the lowest flat indices.
+    """
+    s = score.detach().float()
+    values = s[candidates]
+    n = min(n, values.numel())
     if n <= 0:
-        return new
-    s = score.detach().float().masked_fill(mask, -math.inf).flatten()
-    new.view(-1)[torch.topk(s, n).indices] = True
-    return new
+        return torch.zeros_like(candidates)
+    threshold = torch.kthvalue(values, values.numel() - n + 1 if largest else n).values
+    extra = int(torch.count_nonzero(values >= threshold if largest else values <= threshold)) - n
+    del values
+    chosen = candidates & (s >= threshold if largest else s <= threshold)
+    if extra > 0:               # too many ties at the threshold: give back those with the highest indices
+        ties = (chosen & (s == threshold)).flatten().nonzero().squeeze(1)
+        chosen.view(-1)[ties[ties.numel() - extra:]] = False
+    return chosen

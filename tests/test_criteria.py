@@ -95,3 +95,16 @@ def test_grow_largest_brute_force():
     expected[idx] = True
     assert torch.equal(new.flatten(), expected)
     assert not torch.equal(new, mask)
+
+
+def test_drop_and_grow_break_ties_by_lowest_index():
+    t, f = True, False
+    score = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 0.0])
+    mask = torch.tensor([t, t, f, t, t, t])
+    # the active zeros sit at 1, 3 and 5: dropping two takes 1 and 3
+    assert drop_smallest(score, mask, 2).tolist() == [t, f, f, f, t, t]
+    grad = torch.tensor([9.0, 3.0, 3.0, 9.0, 3.0, 3.0])
+    mask = torch.tensor([t, f, f, t, f, f])
+    # the inactive entries 1, 2, 4, 5 tie at 3: growing two takes 1 and 2
+    assert grow_largest(grad, mask, 2).tolist() == [t, t, t, t, f, f]
+    assert grow_largest(grad, mask, 9).all() and not drop_smallest(score, mask, 9).any()

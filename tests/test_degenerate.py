@@ -46,7 +46,7 @@ def test_non_finite_gradient_skips_the_update_and_pruning_catches_up(bad):
     assert sum(int(m.sum()) for m in granet.masks().values()) == 180
 
 
-def test_empty_batch_skips_the_update_with_a_warning():
+def test_empty_batch_skips_regrowth_with_a_warning():
     # An empty batch gives a NaN mean loss but an all-zero gradient: nothing to regrow by.
     model = gf.sparsify(MLP(), gf.GraNetConfig(method="rigl", final_sparsity=0.5, total_steps=10, update_every=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -54,10 +54,25 @@ def test_empty_batch_skips_the_update_with_a_warning():
     before = granet.masks()
     loss = one_step(model, opt, torch.randn(0, 20), torch.zeros(0, dtype=torch.long))
     assert torch.isnan(loss)
-    with pytest.warns(UserWarning, match="gradient zero everywhere"):
+    with pytest.warns(UserWarning, match="gradient zero everywhere .* regrowth skipped"):
         assert not granet.step()
     assert all(torch.equal(before[k], v) for k, v in granet.masks().items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_empty_batch_still_prunes_on_schedule():
+    config = gf.GraNetConfig(final_sparsity=0.5, total_steps=10, update_every=1, prune_start=1, prune_end=1)
+    model = gf.sparsify(MLP(), config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    granet = gf.GraNet(model, opt)
+    one_step(model, opt, torch.randn(0, 20), torch.zeros(0, dtype=torch.long))
+    weights = torch.cat([model.fc1.weight.detach().abs().flatten(), model.fc2.weight.detach().abs().flatten()])
+    with pytest.warns(UserWarning, match="regrowth skipped"):
+        assert granet.step()
+    # one-shot magnitude pruning to 50% of the 900 weights, nothing regrown
+    masks = torch.cat([m.flatten() for m in granet.masks().values()])
+    assert int(masks.sum()) == 450
+    assert weights[masks].min() >= weights[~masks].max()
 
 
 def test_no_gradient_at_an_update_is_a_clear_error_but_fine_between_updates():
@@ -109,6 +124,7 @@ class Tiny(nn.Module):
         return self.c(torch.relu(self.b(self.a(x))))
 
 
+@pytest.mark.filterwarnings("ignore:granet_fx. gradient zero everywhere")   # a one-unit ReLU often dies
 @pytest.mark.parametrize("method, distribution", [("granet", "erk"), ("gmp", "uniform"), ("set", "uniform")])
 def test_tiny_layers_are_never_emptied(method, distribution):
     # 20 + 1 + 10 = 31 weights; at 95% the plain target keeps round(1.55) = 2 < 3 layers.
