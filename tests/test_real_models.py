@@ -103,8 +103,9 @@ def sparsify_quietly(model, config, **kw):
     return sparse, [str(w.message) for w in caught if "granet_fx" in str(w.message)]
 
 
-@pytest.mark.parametrize("name", [n if n in FAST + ("bert", "vit", "convnext") else
-                                  pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+# MobileNetV2's 52 convolutions each fail to trace in their parent and take seconds to trace piecewise.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "mobilenetv2" else n
+                                  for n in MODELS])
 def test_every_used_layer_is_masked_and_the_masks_act(name):
     model, data = build(name)
     model.eval()
@@ -128,7 +129,8 @@ def test_every_used_layer_is_masked_and_the_masks_act(name):
     # which holds only if a mask node sits on every masked weight's path.
     masks = {l.name: sparse.get_buffer(l.mask_name) for l in info.masked}
     sparse.load_state_dict(reference.state_dict(), strict=False)
-    assert any(not (sparse.get_parameter(n)[~m] == 0).all() for n, m in masks.items())
+    sparse_layers = [n for n, m in masks.items() if not m.all()]      # ERK keeps some small layers dense
+    assert sparse_layers and all((sparse.get_parameter(n)[~masks[n]] != 0).any() for n in sparse_layers)
     sparse.eval()
     with torch.no_grad():
         dense_out = first_output(reference(*inputs))
