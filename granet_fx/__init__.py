@@ -4,6 +4,7 @@ from .config import GraNetConfig
 from .controller import GraNet
 from .report import LayerReport, SparsityReport
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+from .fold import fold
 
 __version__ = "0.1.0"
 
@@ -11,3 +12,4 @@ __all__ = [
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
 ]
+__all__ += ["fold"]
