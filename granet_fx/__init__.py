@@ -4,6 +4,8 @@ from .config import GraNetConfig
 from .controller import GraNet
 from .report import LayerReport, SparsityReport
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+from .fold import fold
+from .export.archive import ArchiveError, SavedModel, load, save
 
 __version__ = "0.1.0"
 
@@ -11,3 +13,4 @@ __all__ = [
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
 ]
+__all__ += ["ArchiveError", "SavedModel", "fold", "load", "save"]
