@@ -5,6 +5,8 @@ from .config import GraNetConfig
 from .controller import GraNet
 from .report import LayerReport, SparsityReport
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+from .fold import fold
+from .export.archive import ArchiveError, SavedModel, load, save
 
 __version__ = "0.1.0"
 
@@ -13,3 +15,4 @@ __all__ = [
     "SparsityReport", "sparse_info", "sparsify",
     "load_checkpoint", "save_checkpoint",
 ]
+__all__ += ["ArchiveError", "SavedModel", "fold", "load", "save"]
