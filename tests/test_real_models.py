@@ -3,7 +3,8 @@
 None of them traces whole with ``torch.fx.symbolic_trace``; piecewise tracing
 must still reach every conv/linear (and GPT-2's ``Conv1D``, an addmm with an
 (in, out) weight). The ``trained`` fixture returns each model sparsified and
-trained for a few steps under ``torch.compile``, with example inputs.
+trained for a few steps under ``torch.compile``, with example inputs; the
+chain ends with ``gf.save``, ``granet-export`` and onnxruntime.
 """
 
 import copy
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import granet_fx as gf
+from granet_fx.export import cli
+from granet_fx.export.onnx_export import run_onnxruntime
 
 import transformers
 from transformers.pytorch_utils import Conv1D
@@ -61,7 +64,6 @@ MODELS = {
     "convnext": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig(
         hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)), _images),
 }
-FAST = ("gpt2", "resnet")
 
 
 def build(name, seed=0):
@@ -144,7 +146,7 @@ def test_every_used_layer_is_masked_and_the_masks_act(name):
     assert (got - dense_out).abs().max() > 1e-3 * scale
 
 
-@pytest.mark.parametrize("name", FAST + (pytest.param("bert", marks=pytest.mark.slow),))
+@pytest.mark.parametrize("name", ["gpt2", "resnet", pytest.param("bert", marks=pytest.mark.slow)])
 def test_dense_masks_change_nothing_in_train_and_eval_mode(name):
     model, data = build(name)
     inputs, _ = data(torch.Generator().manual_seed(2))
@@ -190,7 +192,29 @@ def test_addmm_weight_is_masked_with_its_own_layout_and_flops():
     torch.testing.assert_close(sparse(x), expected)
 
 
-# A few steps of GraNet under torch.compile ---------------------------------------------------
+class ReadsStride(nn.Module):
+    """Like HF's MobileNetV2 layers: code that fx cannot trace reads its conv's ``stride``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        pad = int(x.shape[-1]) % self.conv.stride[0]    # int() of a traced value: traced piecewise
+        return self.conv(F.pad(x, (0, pad, 0, pad)))
+
+
+def test_a_copy_keeps_what_code_outside_the_graph_reads():
+    sparse = gf.sparsify(ReadsStride(), gf.GraNetConfig(initial_sparsity=0.5, final_sparsity=0.8, total_steps=10))
+    assert isinstance(sparse.conv, torch.fx.GraphModule) and sparse.conv.stride == (2, 2)
+    x = torch.randn(2, 3, 9, 9)
+    copied = copy.deepcopy(sparse)
+    assert copied.conv.stride == (2, 2) and copied.conv.weight is not sparse.conv.weight
+    torch.testing.assert_close(copied(x), sparse(x))
+    torch.testing.assert_close(gf.fold(sparse)(x), sparse(x))      # fold works on a deep copy
+
+
+# The chain: a few steps of GraNet under torch.compile, save, export, onnxruntime ----------------
 
 
 @dataclass
@@ -235,7 +259,9 @@ def train_compiled(name, backend):
     return run
 
 
-@pytest.fixture(scope="module", params=[(n, "aot_eager") for n in FAST] +
+# The default run compiles GPT-2 with the aot_eager backend (dynamo and AOT autograd, no code
+# generation); the slow run compiles every model with inductor.
+@pytest.fixture(scope="module", params=[("gpt2", "aot_eager")] +
                 [pytest.param((n, "inductor"), marks=pytest.mark.slow) for n in MODELS])
 def trained(request) -> Trained:
     return train_compiled(*request.param)
@@ -257,3 +283,17 @@ def test_trains_under_compile_without_break_or_recompile(trained):
     r.model.eval()
     with torch.no_grad():
         assert torch.isfinite(first_output(r.model(*r.example_inputs))).all()
+
+
+def test_saves_exports_to_onnx_and_matches_in_onnxruntime(trained, tmp_path, capsys):
+    r = trained
+    r.model.eval()
+    archive, onnx_file = tmp_path / "model.pt2", tmp_path / "model.onnx"
+    gf.save(r.model, archive, example_inputs=r.example_inputs)
+    code = cli.main([str(archive), "-o", str(onnx_file)])   # checks onnxruntime against the saved outputs
+    assert code == 0, capsys.readouterr().err
+    with torch.no_grad():
+        want = first_output(r.model(*r.example_inputs))
+    got = torch.from_numpy(run_onnxruntime(onnx_file.read_bytes(), list(r.example_inputs))[0])
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .ops import WEIGHT_MODULES, weight_uses
 
@@ -134,9 +135,14 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for name, b in module._buffers.items():
         if name not in gm._buffers:
             gm.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
+    kept = dict(module.named_children())
     for key, value in vars(module).items():
         if not key.startswith("_") and key not in vars(gm) and not hasattr(type(gm), key):
             vars(gm)[key] = value
+            kept[key] = value
+    # GraphModule's deepcopy (gf.fold copies the model) rebuilds only what the graph reads;
+    # it sets these again, so that code outside the graph still finds them (HF's conv.stride).
+    gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = kept
     gm.training = module.training
     for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"):
         getattr(gm, hooks).update(getattr(module, hooks))
