@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from .controller import GraNet
+from .export.files import atomic_write, check_writable
 from .sparsify import unwrap
 
 FORMAT = "granet_fx.checkpoint"
@@ -26,9 +26,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     Holds the model's state dict (masks included), the optimizer's, the
     controller's, and the random states of torch (CPU and CUDA), Python and
     NumPy. ``extra`` (the step, the epoch, ...) must be tensors and plain Python
-    values; ``load_checkpoint`` returns it. A crash at any moment leaves either
+    values; ``load_checkpoint`` returns it. The file is written under a
+    temporary name, flushed to disk and renamed: a crash at any moment leaves
     the previous file or the new one at ``path``, never a partial file.
     """
+    problem = check_writable(path)
+    if problem:
+        raise OSError(f"cannot write the checkpoint {os.fspath(path)}: {problem}")
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -38,7 +42,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "rng": _rng_state(),
         "extra": extra,
     }
-    atomic_save(state, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -63,31 +69,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     granet.load_state_dict(state["granet"])
     _set_rng_state(state["rng"])
     return state["extra"]
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):     # make the rename itself durable where the OS allows it
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _rng_state() -> dict[str, Any]:
