@@ -99,43 +99,51 @@ def random_mask(shape: Sequence[int], keep: int, generator: torch.Generator | No
 def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
     """Keep the ``keep`` active entries with the largest score over all layers together.
 
-    No layer is emptied: every layer with an active entry keeps at least its
-    largest one (``keep`` is raised to the number of such layers if smaller).
-    Ties at the threshold are broken by position (layer order, then flat index).
+    Ties at the threshold are broken by position: the earliest (layer order,
+    then flat index) are dropped first. No layer is emptied: should the
+    ``keep`` best leave a layer without any entry, every layer keeps its best
+    one (largest score, the last among equals) and the rest compete for what is
+    left; ``keep`` is raised to the number of layers with an active entry if smaller.
     """
-    device = masks[0].device
-    parts, tops = [], []
-    for s, m in zip(scores, masks):
-        active = s.detach()[m].float().to(device)
-        top = None
-        if active.numel():
-            i = int(active.argmax())
-            top = active[i].item()
-            active[i] = math.inf    # the layer's largest entry is never below the threshold
-        parts.append(active)
-        tops.append(top)
-    active = torch.cat(parts)
-    keep = max(keep, sum(top is not None for top in tops))
-    n_drop = active.numel() - keep
+    counts = [int(torch.count_nonzero(m)) for m in masks]
+    keep = max(keep, sum(c > 0 for c in counts))
+    n_drop = sum(counts) - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    threshold = torch.kthvalue(active, n_drop).values.item()
-    ties_kept = int(torch.count_nonzero(active <= threshold)) - n_drop
-    del active, parts
-    result = []
-    for s, m, top in zip(scores, masks, tops):
-        kept = m & (s.detach().float() > threshold)
-        if top is not None and top <= threshold:    # put back the layer's first largest entry
-            kept.view(-1)[int((m & (s.detach().float() == top)).flatten().nonzero()[0])] = True
-        result.append(kept)
-    for s, m, kept in reversed(list(zip(scores, masks, result))):
-        if ties_kept <= 0:      # ties at the threshold: the last ones in position order stay
+    kept = _keep_above(scores, masks, n_drop, sum(counts))
+    if all(k.any() for k, c in zip(kept, counts) if c):
+        return kept
+    best = [_best(s, m) if c else None for s, m, c in zip(scores, masks, counts)]
+    rest = [m.clone() for m in masks]
+    for r, b in zip(rest, best):
+        if b is not None:
+            r.view(-1)[b] = False
+    kept = _keep_above(scores, rest, n_drop, sum(counts) - sum(b is not None for b in best))
+    for k, b in zip(kept, best):
+        if b is not None:
+            k.view(-1)[b] = True
+    return kept
+
+
+def _keep_above(scores, masks, n_drop: int, count: int) -> list[torch.Tensor]:
+    """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
+    value, _, not_above = _kth_smallest(scores, masks, n_drop, count)
+    kept = [m & (s.detach().float() > value) for s, m in zip(scores, masks)]
+    ties_kept = not_above - n_drop
+    for s, m, k in reversed(list(zip(scores, masks, kept))):
+        if ties_kept <= 0:
             break
-        ties = (m & ~kept & (s.detach().float() == threshold)).flatten().nonzero().squeeze(1)
+        ties = (m & ~k & (s.detach().float() == value)).flatten().nonzero().squeeze(1)
         back = ties[max(ties.numel() - ties_kept, 0):]
-        kept.view(-1)[back] = True
+        k.view(-1)[back] = True
         ties_kept -= back.numel()
-    return result
+    return kept
+
+
+def _best(score: torch.Tensor, mask: torch.Tensor) -> int:
+    """Flat index of the active entry with the largest score, the last one among equals."""
+    flat = torch.where(mask, score.detach().float(), -math.inf).flatten()
+    return int((flat == flat.max()).nonzero()[-1])
 
 
 def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -151,19 +159,68 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tenso
 def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
     """The ``n`` candidate entries with the smallest (or largest) score, as a bool mask.
 
-    Selects by a threshold found with ``kthvalue`` (linear time, no sort and no
-    index list); ties at the threshold go to the lowest flat indices.
+    Ties at the threshold go to the lowest flat indices.
     """
-    s = score.detach().float()
-    values = s[candidates]
-    n = min(n, values.numel())
+    count = int(torch.count_nonzero(candidates))
+    n = min(n, count)
     if n <= 0:
         return torch.zeros_like(candidates)
-    threshold = torch.kthvalue(values, values.numel() - n + 1 if largest else n).values
-    extra = int(torch.count_nonzero(values >= threshold if largest else values <= threshold)) - n
-    del values
-    chosen = candidates & (s >= threshold if largest else s <= threshold)
+    s = score.detach().float()
+    value, below, not_above = _kth_smallest([s], [candidates], count - n + 1 if largest else n, count)
+    if largest:
+        chosen, extra = candidates & (s >= value), count - below - n
+    else:
+        chosen, extra = candidates & (s <= value), not_above - n
     if extra > 0:               # too many ties at the threshold: give back those with the highest indices
-        ties = (chosen & (s == threshold)).flatten().nonzero().squeeze(1)
+        ties = (chosen & (s == value)).flatten().nonzero().squeeze(1)
         chosen.view(-1)[ties[ties.numel() - extra:]] = False
     return chosen
+
+
+# Exact selection without sorting --------------------------------------------------
+
+SAMPLE = 1 << 16    # sampled positions that bracket a selection; smaller inputs are selected whole
+
+
+def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int,
+                  count: int) -> tuple[float, int, int]:
+    """The ``k``-th smallest (from 1) of the ``count`` scores where ``masks`` is True, over all
+    tensors together, and how many of those scores are below it and how many are not above it.
+
+    Exact, but it neither gathers nor selects among all candidates (Floyd and
+    Rivest's idea): a random sample brackets the answer, one pass counts the
+    candidates below the bracket and gathers those inside it, and ``kthvalue``
+    runs on those few. Should the sample miss, ``kthvalue`` runs on all of them.
+    """
+    device = masks[0].device
+    scores = [s.detach().float() for s in scores]
+    lo, hi = _bracket(scores, masks, k, count)
+    below, inside = 0, []
+    for s, m in zip(scores, masks):
+        below += int(torch.count_nonzero(m & (s < lo)))
+        inside.append(s[m & (s >= lo) & (s <= hi)].to(device))
+    inside = torch.cat(inside)
+    if not below < k <= below + inside.numel():
+        below, inside = 0, torch.cat([s[m].to(device) for s, m in zip(scores, masks)])
+    value = torch.kthvalue(inside, k - below).values
+    lower, not_above = (int(torch.count_nonzero(c)) for c in (inside < value, inside <= value))
+    return value.item(), below + lower, below + not_above
+
+
+def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int, count: int) -> tuple[float, float]:
+    """Two scores that very likely enclose the ``k``-th smallest candidate, from a seeded random sample."""
+    total = sum(m.numel() for m in masks)
+    if total <= SAMPLE:
+        return -math.inf, math.inf
+    generator = torch.Generator().manual_seed(k)
+    picked = []
+    for s, m in zip(scores, masks):
+        at = torch.randint(m.numel(), (max(1, SAMPLE * m.numel() // total),), generator=generator).to(m.device)
+        picked.append(s.reshape(-1)[at][m.reshape(-1)[at]].to(masks[0].device))
+    sample = torch.cat(picked).sort().values
+    rank = k / count * sample.numel()
+    margin = 4.0 * math.sqrt(sample.numel()) + 2.0   # the rank's spread is at most sqrt(n) / 2
+    low, high = math.floor(rank - margin), math.ceil(rank + margin)
+    lo = sample[low].item() if low >= 0 else -math.inf
+    hi = sample[high].item() if high < sample.numel() else math.inf
+    return lo, hi

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from granet_fx import criteria
 from granet_fx.criteria import (
     apportion, drop_smallest, erk_densities, grow_largest, prune_global, random_mask, uniform_densities,
 )
@@ -108,3 +109,63 @@ def test_drop_and_grow_break_ties_by_lowest_index():
     # the inactive entries 1, 2, 4, 5 tie at 3: growing two takes 1 and 2
     assert grow_largest(grad, mask, 2).tolist() == [t, t, t, t, f, f]
     assert grow_largest(grad, mask, 9).all() and not drop_smallest(score, mask, 9).any()
+
+
+def reference_prune(scores, masks, keep):
+    """prune_global's rule written out with numpy's stable sort."""
+    flat = np.concatenate([s.numpy().ravel() for s in scores]).astype(np.float64)
+    active = np.concatenate([m.numpy().ravel() for m in masks])
+    layer = np.concatenate([np.full(m.numel(), i) for i, m in enumerate(masks)])
+    nonempty = [i for i, m in enumerate(masks) if m.any()]
+    keep = max(keep, len(nonempty))
+
+    def drop_earliest_smallest(candidates, n):
+        order = np.argsort(np.where(candidates, flat, np.inf), kind="stable")[:n]
+        kept = candidates.copy()
+        kept[order] = False
+        return kept
+
+    n_drop = int(active.sum()) - keep
+    kept = drop_earliest_smallest(active, n_drop)
+    if all(kept[layer == i].any() for i in nonempty):
+        return kept
+    best = []
+    for i in nonempty:
+        where = np.flatnonzero((layer == i) & active)
+        values = flat[where]
+        best.append(where[np.flatnonzero(values == values.max())[-1]])
+    rest = active.copy()
+    rest[best] = False
+    kept = drop_earliest_smallest(rest, n_drop)
+    kept[best] = True
+    return kept
+
+
+@pytest.mark.parametrize("decimals", [None, 1])          # 1 decimal: many ties at the threshold
+def test_large_inputs_select_exactly_through_the_sampled_bracket(decimals, monkeypatch):
+    # More entries than criteria.SAMPLE: the threshold comes from a sampled bracket, and must be exact.
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(300, 400, generator=g), torch.randn(200, 100, generator=g),
+               1e-3 * torch.rand(50, 40, generator=g)]     # the last layer is emptied unless protected
+    if decimals is not None:
+        weights = [torch.round(w, decimals=decimals) + 0.0 for w in weights[:2]] + weights[2:]
+    scores = [w.abs() for w in weights]
+    masks = [torch.rand(w.shape, generator=g) < 0.7 for w in weights]
+    assert sum(m.numel() for m in masks) > criteria.SAMPLE
+    for keep in (30_000, 60_000):
+        got = np.concatenate([m.numpy().ravel() for m in prune_global(scores, masks, keep)])
+        assert (got == reference_prune(scores, masks, keep)).all()
+    s, m = scores[0].numpy().ravel(), masks[0].numpy().ravel()
+    n = 20_000
+    dropped = np.argsort(np.where(m, s, np.inf), kind="stable")[:n]
+    expected = m.copy()
+    expected[dropped] = False
+    assert (drop_smallest(scores[0], masks[0], n).numpy().ravel() == expected).all()
+    grown = np.argsort(-np.where(m, -np.inf, s), kind="stable")[:n]
+    expected = m.copy()
+    expected[grown] = True
+    assert (grow_largest(scores[0], masks[0], n).numpy().ravel() == expected).all()
+    # A bracket that misses the answer falls back to selecting among every candidate.
+    monkeypatch.setattr(criteria, "_bracket", lambda *a: (10.0, 11.0))
+    got = np.concatenate([m.numpy().ravel() for m in prune_global(scores, masks, 30_000)])
+    assert (got == reference_prune(scores, masks, 30_000)).all()

@@ -96,13 +96,15 @@ def test_prune_global_keeps_one_weight_per_layer_hand_worked():
         assert new[0].tolist() == [False, True] and new[1].tolist() == [False, False, False, True]
     new = prune_global([a, b], ones, 3)
     assert new[0].tolist() == [False, True] and new[1].tolist() == [False, False, True, True]
-    # Ties: each layer's protected entry is its first largest; the other ties go by position.
+    # Ties: plain pruning would drop a's two 0.3s (the earliest go first) and empty it; so each layer
+    # keeps its best entry, the last among equals (a[1], b[2]), and a[0], b[0], b[1] compete for the
+    # one place left, which goes to the last of them, b[1].
     a, b = torch.full((2,), 0.3), torch.full((3,), 0.3)
     new = prune_global([a, b], [torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool)], 3)
-    assert new[0].tolist() == [True, False] and new[1].tolist() == [True, False, True]
-    # A layer that is already empty stays empty and does not count.
+    assert new[0].tolist() == [False, True] and new[1].tolist() == [False, True, True]
+    # A layer that is already empty stays empty and does not count: keep is raised to 1, b keeps b[2].
     new = prune_global([a, b], [torch.zeros(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool)], 0)
-    assert new[0].tolist() == [False, False] and new[1].tolist() == [True, False, False]
+    assert new[0].tolist() == [False, False] and new[1].tolist() == [False, False, True]
 
 
 def test_apportion_gives_every_layer_at_least_one_weight():
