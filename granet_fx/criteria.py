@@ -179,7 +179,7 @@ def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: boo
 
 # Exact selection without sorting --------------------------------------------------
 
-SAMPLE = 1 << 16    # sampled positions that bracket a selection; smaller inputs are selected whole
+SAMPLE = 1 << 14    # sampled positions that bracket a selection; smaller inputs are selected whole
 
 
 def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int,
