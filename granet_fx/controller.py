@@ -162,7 +162,8 @@ class GraNet:
         self.apply_masks()
 
     def _gradient_size(self) -> float:
-        """Sum of |gradient| over the masked weights: inf or NaN if an entry is (or on overflow), 0 after an empty batch."""
+        """Sum of |gradient| over the masked weights: not finite if an entry is not (or on overflow),
+        zero after an empty batch."""
         grads = [w.grad for w in self._weights if w.grad is not None]
         if not grads:
             raise RuntimeError(
