@@ -4,10 +4,12 @@ from .config import GraNetConfig
 from .controller import GraNet
 from .report import LayerReport, SparsityReport
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+from .passes.compact import CompactionReport, compact, compaction_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactionReport", "compact", "compaction_report",
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
 ]
