@@ -115,8 +115,6 @@ class GraNet:
             for value in self.optimizer.state.get(w, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == w.shape:
                     value.mul_(m)
-        if self._structured is not None:
-            self._structured.apply(self.optimizer)
 
     @torch.no_grad()
     def _prune(self, t: int) -> None:

@@ -72,14 +72,13 @@ class ChannelMasks:
         self.multiple = multiple
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
-        masked = set(masked)
+        self.masked = set(masked)
         self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
-                       and all(c.weight in masked and c.mask for c in g.columns)]
+                       and all(c.weight in self.masked and c.mask for c in g.columns)]
         self.costs = [len(g.rows) for g in self.groups]
         self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
         self.tensors = tensors
         self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
-        self.masked = set(masked)
 
     def _rows(self, i: int) -> list[torch.Tensor]:
         g = self.groups[i]
@@ -105,9 +104,6 @@ class ChannelMasks:
                 value = keep.repeat_interleave(c.repeat).to(mask.device)
                 mask[:, idx.to(mask.device)] = value.view(1, -1, *[1] * (mask.dim() - 2)).expand(
                     mask.shape[0], -1, *mask.shape[2:])
-
-    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Nothing beyond the weight masks."""
 
     @torch.no_grad()
     def initialize(self, sparsity: float, generator: torch.Generator) -> None:
@@ -208,9 +204,6 @@ class NMMasks:
             score = torch.rand(mask.shape, generator=generator).to(mask.device) if generator is not None \
                 else w.grad.abs()
             mask.copy_(nm_refill(score, kept, k, self.m))
-
-    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Nothing beyond the weight masks."""
 
     def active(self) -> dict[str, int]:
         return {}

@@ -187,6 +187,17 @@ def test_compacting_channel_granet_removes_exactly_the_pruned_channels():
     assert torch.allclose(eval_out(small, x), eval_out(model, x), atol=1e-5)
 
 
+def test_compacts_the_module_of_an_exported_program():
+    model = randomize(InvertedResidual(4, 6, stride=2, expand=4), seed=1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    direct = gf.compaction_report(gf.compact(model, x))
+    exported = torch.export.export(model, (x,), strict=False).module()   # what a saved program gives back
+    small = gf.compact(exported, x)
+    report = gf.compaction_report(small)
+    assert (report.removed, report.macs_after) == (direct.removed, direct.macs_after)
+    assert torch.allclose(small(x), eval_out(model, x), atol=1e-5)
+
+
 def test_report_needs_a_compacted_model():
     with pytest.raises(ValueError, match="compact"):
         gf.compaction_report(MLP())

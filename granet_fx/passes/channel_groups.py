@@ -42,7 +42,7 @@ _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_traini
 # Ops that keep every dimension and act on each channel separately.
 _CHANNELWISE = {
     aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.detach.default, aten.feature_dropout.default,
+    aten.detach.default, aten.feature_dropout.default, aten._to_copy.default, aten.to.dtype,
 }
 # Pooling and resizing over the last k dimensions: channel-wise too.
 _SPATIAL = {
@@ -172,6 +172,36 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     return find_groups(export_graph(model, example_inputs))
 
 
+def layer_positions(gm: fx.GraphModule) -> dict[str, int]:
+    """For each conv/linear weight of an exported graph, the output positions it computes (batch x
+    spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
+    positions: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (node.target in _CONVS or node.target is aten.linear.default):
+            weight = _weight_of(node.args[1])
+            if weight is not None and _is_tensor(node):
+                out = _val(node)
+                channels = out.shape[-1 if node.target is aten.linear.default else 1]
+                positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels
+    return positions
+
+
+def _weight_of(node: Any) -> tuple[str, str | None] | None:
+    """(weight name, mask name) of a weight operand: a parameter, or a parameter times its mask."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target, None
+    if node.target is aten.mul.Tensor and len(node.args) == 2 and all(
+            isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args):
+        w, m = node.args
+        if _val(m).dtype == torch.bool:
+            return w.target, m.target
+        if _val(w).dtype == torch.bool:
+            return m.target, w.target
+    return None
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -279,23 +309,8 @@ class _Analysis:
         return None
 
     # Layers --------------------------------------------------------------------
-    def weight_of(self, node: Any) -> tuple[str, str | None] | None:
-        """(weight name, mask name) of a weight operand: a parameter, or a parameter times its mask."""
-        if not isinstance(node, fx.Node):
-            return None
-        if node.op == "get_attr":
-            return node.target, None
-        if node.target is aten.mul.Tensor and len(node.args) == 2 and all(
-                isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args):
-            w, m = node.args
-            if _val(m).dtype == torch.bool:
-                return w.target, m.target
-            if _val(w).dtype == torch.bool:
-                return m.target, w.target
-        return None
-
     def conv(self, node: fx.Node) -> _Layout | None:
-        x, weight = node.args[0], self.weight_of(node.args[1])
+        x, weight = node.args[0], _weight_of(node.args[1])
         bias = _arg(node, 2, "bias")
         if node.target is aten.convolution.default:
             if _arg(node, 6, "transposed"):
@@ -303,7 +318,7 @@ class _Analysis:
             padding, groups = _arg(node, 4, "padding", 0), _arg(node, 8, "groups", 1)
         else:
             padding, groups = _arg(node, 4, "padding", 0), _arg(node, 6, "groups", 1)
-        if weight is None or (bias is not None and self.weight_of(bias) is None):
+        if weight is None or (bias is not None and _weight_of(bias) is None):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None
         shape = _val(node.args[1]).shape
@@ -330,8 +345,8 @@ class _Analysis:
         return out
 
     def linear(self, node: fx.Node) -> _Layout | None:
-        x, weight, bias = node.args[0], self.weight_of(node.args[1]), _arg(node, 2, "bias")
-        if weight is None or (bias is not None and self.weight_of(bias) is None):
+        x, weight, bias = node.args[0], _weight_of(node.args[1]), _arg(node, 2, "bias")
+        if weight is None or (bias is not None and _weight_of(bias) is None):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None
         layout = self.layouts.get(x)
@@ -350,7 +365,7 @@ class _Analysis:
         if layout is None:
             return None
         operands = [_arg(node, i, n) for i, n in enumerate(("weight", "bias", "running_mean", "running_var"), 1)]
-        names = [self.weight_of(a) if a is not None else None for a in operands]
+        names = [_weight_of(a) if a is not None else None for a in operands]
         if layout.dim != 1 or any(s.repeat != 1 for s in layout.segments) or \
                 any(a is not None and n is None for a, n in zip(operands, names)):
             return self.unknown(node)

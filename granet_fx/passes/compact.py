@@ -34,10 +34,15 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..sparsify import INFO_ATTR, _count_macs, _run, unwrap
-from .channel_groups import ChannelGroup, Member, export_graph, find_groups
+from ..sparsify import INFO_ATTR, _run, unwrap
+from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions
 from .insert_masks import is_mask_node
-from .ops import weight_uses
+from .ops import WEIGHT_OPS, weight_operand
+
+# Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
+# (a graph from torch.export); both take (input, weight, bias, stride, padding, dilation, groups).
+_LAYER_CALLS = set(WEIGHT_OPS) | {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                                  torch.ops.aten.conv3d.default, torch.ops.aten.linear.default}
 
 REPORT_ATTR = "_granet_fx_compaction"
 
@@ -78,24 +83,29 @@ def compaction_report(model: nn.Module) -> CompactionReport:
 
 
 def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
-    """A smaller copy of ``model`` (sparsified or not) without the channels that compute nothing.
+    """A smaller copy of ``model`` without the channels that compute nothing.
 
-    ``example_inputs`` (a tensor or a tuple of positional inputs) is needed to
-    capture the model with ``torch.export`` and to check the result. The copy
-    has no masks (they are folded into the weights), is in eval mode, and
-    carries a ``CompactionReport`` (``compaction_report(copy)``; ``print`` it).
+    ``model`` is any module: one from ``sparsify``, an ordinary one, or the
+    ``module()`` of a ``torch.export`` program. ``example_inputs`` (a tensor or
+    a tuple of positional inputs) is needed to capture the model with
+    ``torch.export`` and to check the result. The copy has no masks (they are
+    folded into the weights), is in eval mode, and carries a
+    ``CompactionReport`` (``compaction_report(copy)``; ``print`` it).
     """
     model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    reference = _run(model, inputs)
     new = copy.deepcopy(model)
+    for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
+        vars(new).pop(name, None)
+    reference = _run(new, inputs)
     _fold_masks(new, getattr(model, INFO_ATTR, None))
     new.eval()
-    macs_before = sum(_count_macs(new, inputs).values())
     gm = export_graph(new, inputs)
     groups = find_groups(gm)
     tensors = dict(new.named_parameters(remove_duplicate=False))
     tensors.update(new.named_buffers(remove_duplicate=False))
+    positions = layer_positions(gm)
+    macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
     values = _probe(gm, inputs, {c.node for g in groups for c in g.columns})
 
     kept: Counter[str] = Counter()
@@ -124,7 +134,8 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
         raise RuntimeError(f"granet_fx: compaction changed the outputs by {error:.3g}; please report this model")
     report = CompactionReport(
         channels=sum(g.size for g in groups), removed=sum(len(r) for _, r in removals), kept=dict(kept),
-        macs_before=macs_before, macs_after=sum(_count_macs(new, inputs).values()), max_abs_error=error,
+        macs_before=macs_before, macs_after=sum(n * new.get_parameter(w).numel() for w, n in positions.items()),
+        max_abs_error=error,
     )
     setattr(new, REPORT_ATTR, report)
     return new
@@ -138,13 +149,13 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     zero_rows = torch.ones(group.size, dtype=torch.bool)
     for r in group.rows:
         rows = tensors[r.weight].detach().narrow(0, r.offset, group.size)
-        zero_rows &= (rows == 0).flatten(1).all(1)
+        zero_rows &= (rows == 0).flatten(1).all(1).cpu()
     # No layer reads the channels: they are unread, unless pinned (read by the output or by unknown ops).
     unread = torch.full((group.size,), not group.pinned or bool(group.columns))
     for c in group.columns:
         w = tensors[c.weight].detach()
-        cols = w.index_select(1, c.indices(torch.arange(group.size)))
-        unread &= (cols.movedim(1, 0).reshape(group.size, -1) == 0).all(1)
+        cols = w.index_select(1, c.indices(torch.arange(group.size)).to(w.device))
+        unread &= (cols.movedim(1, 0).reshape(group.size, -1) == 0).all(1).cpu()
     dead = zero_rows | unread
     if group.pinned:
         if dead.any():
@@ -161,7 +172,7 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
                 reason = "their value varies with the input (zero rows but not a constant)"
             elif c.padded and bool((constants != 0).any()):
                 reason = "they carry a non-zero constant into a zero-padded convolution"
-            elif bool((constants != 0).any()) and not _can_take_bias(model, tensors, c):
+            elif bool((constants != 0).any()) and not _can_take_bias(model, c):
                 reason = "they carry a constant into a layer without a bias to absorb it"
             else:
                 plan.append((c, i, constants))
@@ -249,19 +260,27 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _calls(model: nn.Module, weight: str):
-    """The conv/linear nodes, in every GraphModule of ``model``, whose weight is the parameter ``weight``."""
+    """(graph module, call node, weight node) for the conv/linear calls, in every GraphModule of ``model``,
+    whose weight is the parameter ``weight``."""
     for prefix, gm in model.named_modules():
-        if isinstance(gm, fx.GraphModule):
-            for use in weight_uses(gm):
-                if (f"{prefix}.{use.weight.target}" if prefix else use.weight.target) == weight:
-                    yield gm, use.op, use.weight
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYER_CALLS:
+                continue
+            w = weight_operand(node)
+            if w is not None and w.op == "get_attr" and (f"{prefix}.{w.target}" if prefix else w.target) == weight:
+                yield gm, node, w
 
 
-def _can_take_bias(model: nn.Module, tensors, column: Member) -> bool:
+def _can_take_bias(model: nn.Module, column: Member) -> bool:
+    """Whether the layer of ``column`` has a bias, or one can be added that its calls will use."""
     if column.bias is not None:
         return True
     module, leaf = _owner(model, column.weight)
-    return leaf == "weight" and "bias" in module._parameters
+    if leaf != "weight" or getattr(module, "bias", None) is not None:
+        return False
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or any(True for _ in _calls(model, column.weight))
 
 
 def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, constants: torch.Tensor,
@@ -269,8 +288,8 @@ def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, cons
     """Add what ``column``'s layer computes from constant inputs at ``channel`` to its bias
     (creating the bias if the layer has none; ``added`` records it)."""
     w = tensors[column.weight]
-    cols = w.index_select(1, column.indices(torch.tensor([channel])))        # (out, repeat, *kernel)
-    contribution = (cols.reshape(*cols.shape[:2], -1).sum(2) * constants.to(w.dtype)).sum(1)
+    cols = w.index_select(1, column.indices(torch.tensor([channel])).to(w.device))   # (out, repeat, *kernel)
+    contribution = (cols.reshape(*cols.shape[:2], -1).sum(2) * constants.to(w)).sum(1)
     bias = column.bias or added.get(column.weight)
     if bias is None:
         module, _ = _owner(model, column.weight)
