@@ -94,3 +94,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args):
         bench.main([tiny_model(tmp_path / "a.onnx")] + args)
     assert exit_info.value.code == 2
     one_line_error(capsys)
+
+
+def test_external_data_counts_in_size_and_flops(tmp_path):
+    model = onnx.load(tiny_model(tmp_path / "inline.onnx"))
+    path = tmp_path / "outside.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="outside.onnx.data", size_threshold=0)
+    loaded = bench.load(str(path))
+    assert loaded.file_bytes == os.path.getsize(path) + os.path.getsize(tmp_path / "outside.onnx.data")
+    assert loaded.flops == 2 * hand_macs(4)

@@ -57,6 +57,8 @@ def load(path: str) -> OnnxModel:
                 for entry in t.external_data if entry.key == "location"}
     size += sum(os.path.getsize(os.path.join(folder, f)) for f in external if os.path.isfile(os.path.join(folder, f)))
     macs = count_macs(model)
+    if macs is None and external:  # shape inference may need small constants stored outside the file
+        macs = count_macs(onnx.load(path))
     return OnnxModel(path, size, None if macs is None else 2 * macs)
 
 
