@@ -95,6 +95,8 @@ def main() -> None:
                 export(compacted, x, path)
                 for n in threads:
                     bench = run(path, dense_path, batches, n, args.warmup, args.runs)
+                    for entry in bench["models"]:  # the files lived in a temporary folder
+                        entry["path"] = os.path.basename(entry["path"])
                     print(format_table(bench), file=sys.stderr)
                     flops_ratio = bench["flops_ratio"]
                     for r in bench["results"]:
