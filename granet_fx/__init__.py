@@ -6,10 +6,12 @@ from .report import LayerReport, SparsityReport
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
 from .fold import fold
 from .export.archive import ArchiveError, SavedModel, load, save
+from .passes.compact import CompactionReport, compact, compaction_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactionReport", "compact", "compaction_report",
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
 ]
