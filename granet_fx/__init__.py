@@ -2,7 +2,9 @@
 
 from .config import GraNetConfig
 from .controller import GraNet
+from .plots import plot_report
 from .report import LayerReport, SparsityReport
+from .runs import RunRecorder
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
 
 __version__ = "0.1.0"
@@ -10,4 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
+    "RunRecorder", "plot_report",
 ]
