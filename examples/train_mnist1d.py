@@ -1,4 +1,8 @@
-"""End to end on MNIST-1D: train a small 1D CNN with GraNet under torch.compile.
+"""End to end on MNIST-1D: train a small 1D CNN with GraNet under torch.compile, then export it.
+
+After training, the model is saved with granet_fx.save (OUT/mnist1d.pt2) and
+exported to ONNX with sparse weights by granet-export (OUT/mnist1d.onnx),
+which checks it in onnxruntime and prints the size summary.
 
     python examples/train_mnist1d.py                 # GraNet, 90% sparsity, 4000 steps
     python examples/train_mnist1d.py --method rigl --sparsity 0.95
@@ -8,12 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 import granet_fx as gf
 from granet_fx.config import METHODS
+from granet_fx.export import cli
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
 from granet_fx.runs import save_json
@@ -30,6 +37,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64, help="CNN width (default 64: 31k weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", action="store_true", help="train in eager mode")
+    parser.add_argument("--out", default="runs/mnist1d", help="folder for the saved model and the ONNX file")
     parser.add_argument("--save-run", metavar="RUN.json",
                         help="record the schedule and final layer densities for granet-report")
     args = parser.parse_args()
@@ -58,6 +66,14 @@ def main() -> None:
     if recorder is not None:
         save_json(recorder.run(accuracy=result.accuracy), args.save_run)
         print(f"run saved to {args.save_run}; plot it with: granet-report {args.save_run} -o DIR")
+
+    os.makedirs(args.out, exist_ok=True)
+    saved, onnx_file = os.path.join(args.out, "mnist1d.pt2"), os.path.join(args.out, "mnist1d.onnx")
+    gf.save(result.model, saved, example_inputs=(data.x_test[:1],))
+    print(f"\nsaved {saved}; exporting it to ONNX:\n", flush=True)
+    code = cli.main([saved, "-o", onnx_file])
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

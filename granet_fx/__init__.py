@@ -6,6 +6,8 @@ from .plots import plot_report
 from .report import LayerReport, SparsityReport
 from .runs import RunRecorder
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
+from .fold import fold
+from .export.archive import ArchiveError, SavedModel, load, save
 
 __version__ = "0.1.0"
 
@@ -14,3 +16,4 @@ __all__ = [
     "SparsityReport", "sparse_info", "sparsify",
     "RunRecorder", "plot_report",
 ]
+__all__ += ["ArchiveError", "SavedModel", "fold", "load", "save"]

@@ -1,0 +1,370 @@
+"""``granet-export``: a saved sparse model to an ONNX file with sparse weights, checked in onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import pickletools
+import re
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..passes.ops import WEIGHT_MODULES
+from ..report import LayerReport
+from ..sparsify import MASK_SUFFIX, _count_macs
+from .archive import ArchiveError, first_line, flat_tensors, export_program, is_archive, load, read_file
+from .files import atomic_write, check_writable
+from .onnx_export import ExportError, check, max_abs_error, run_onnxruntime, to_onnx
+from .sparse_initializers import LAYOUTS, store_sparse
+
+DESCRIPTION = """\
+Export a sparse model to ONNX, storing each weight that is mostly zeros as a
+sparse tensor (int64 positions + values), then check the file with
+onnx.checker and run it in onnxruntime against reference outputs.
+
+MODEL is one of:
+  - a file written by granet_fx.save (holds example inputs and reference outputs);
+  - a state_dict checkpoint (read with torch.load(weights_only=True)), with
+    --model package.module:factory and --input-shape; mask buffers
+    ("<weight>_mask") in it are multiplied into their weights;
+  - a whole pickled nn.Module, only with --trust-pickle.
+
+onnxruntime turns sparse weights back into dense tensors when it loads a
+model: sparse storage makes the file smaller, not inference faster.
+"""
+
+SPEED_NOTE = ("note: onnxruntime densifies sparse weights when it loads the model: "
+              "the file is smaller, inference is not faster (speed needs removed channels)")
+
+
+class BadInput(Exception):
+    """Input the tool cannot use; the message is the one line it prints."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        raise BadInput(message)
+
+
+@dataclass
+class Source:
+    """What the ONNX export needs from MODEL, whatever kind of file it was."""
+
+    kind: str
+    module: nn.Module | None                 # None for an archive (its program is used)
+    program: torch.export.ExportedProgram | None
+    dynamic_batch: bool                      # whether ``program`` already has a dynamic batch
+    inputs: tuple[torch.Tensor, ...]
+    reference: list[torch.Tensor]
+    layers: list[LayerReport]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="granet-export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="granet_fx archive, state_dict checkpoint, or pickled module")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--model", dest="factory", metavar="package.module:factory",
+                   help="for a state_dict: a callable that builds the model, called with no arguments")
+    p.add_argument("--input-shape", action="append", metavar="1,3,32,32",
+                   help="for a state_dict or pickled module: shape of a float32 input (repeat for several inputs)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow MODEL to be a whole pickled module; loading it RUNS CODE FROM THE FILE")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: torch.onnx's)")
+    p.add_argument("--dense-initializers", action="store_true", help="keep every weight dense (no sparse storage)")
+    p.add_argument("--sparse-layout", choices=LAYOUTS, default="constant",
+                   help="constant (default): Constant nodes with sparse_value, passes onnx.checker's full check; "
+                        "initializer: graph.sparse_initializer, passes its basic check only")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the first input dimension dynamic")
+    p.add_argument("--tolerance", type=float, default=1e-4, metavar="T",
+                   help="largest allowed |onnxruntime - reference|, times max(1, max |reference|) (default 1e-4)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the tool; returns 0 on success, 1 when the export or its check fails, 2 on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.tolerance >= 0:
+            raise BadInput(f"--tolerance must be >= 0; got {args.tolerance}")
+        return _export(args)
+    except (BadInput, ArchiveError) as e:
+        print(f"granet-export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"granet-export: error: {e}", file=sys.stderr)
+        return 1
+
+
+def console() -> None:
+    """Entry point of the ``granet-export`` console script."""
+    sys.exit(main())
+
+
+def _progress(message: str) -> None:
+    print(f"granet-export: {message}", file=sys.stderr, flush=True)
+
+
+def _export(args) -> int:
+    problem = check_writable(args.output)
+    if problem:
+        raise BadInput(f"cannot write {args.output}: {problem}")
+    source = read_source(args)
+    _progress(f"read {args.model}: {source.kind}")
+    if args.dynamic_batch and source.program is not None and not source.dynamic_batch:
+        raise BadInput(f"{args.model} was saved with a fixed batch size; --dynamic-batch is not possible")
+    start = time.perf_counter()
+    _progress("exporting to ONNX (torch.export, then torch.onnx.export with dynamo)")
+    try:
+        dense = to_onnx(_program(source, args.dynamic_batch), opset=args.opset)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    final, sparse_names = dense, []
+    if not args.dense_initializers:
+        _progress(f"storing weights sparse ({args.sparse_layout} layout)")
+        final, sparse_names = store_sparse(dense, args.sparse_layout)
+    full = args.dense_initializers or args.sparse_layout == "constant"
+    _progress(f"checking with onnx.checker (full_check={full})")
+    try:
+        check(final, full=full)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejects the model: {first_line(e)}") from None
+    data = final.SerializeToString()
+    _progress("running it in onnxruntime on the reference inputs")
+    try:
+        outputs = run_onnxruntime(data, source.inputs)
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+    error = max_abs_error(outputs, source.reference)
+    scale = max([1.0] + [float(t.double().abs().max()) for t in source.reference if t.numel()])
+    limit = args.tolerance * scale
+    print(summary(source, dense.ByteSize(), len(data), sparse_names, args.dense_initializers))
+    print(f"onnxruntime vs reference outputs: max abs error {error:.3g} "
+          f"(tolerance {args.tolerance:g} x max(1, max|reference|) = {limit:.3g})")
+    if not error <= limit:
+        raise ExportError(f"onnxruntime outputs differ from the reference by {error:.3g} > {limit:.3g}; nothing written")
+    _progress(f"writing {args.output}")
+    try:
+        atomic_write(args.output, data)
+    except OSError as e:
+        raise BadInput(f"cannot write {args.output}: {e.strerror}") from None
+    print(SPEED_NOTE)
+    print(f"wrote {args.output} ({len(data):,} bytes) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _program(source: Source, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """The program to export: the archive's own, or a fresh torch.export with the batch as asked."""
+    if source.program is not None and dynamic_batch:
+        return source.program
+    module = source.module if source.module is not None else source.program.module()
+    try:
+        return export_program(module, source.inputs, dynamic_batch=dynamic_batch)[0]
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ExportError(f"torch.export failed: {first_line(e)}") from None
+
+
+# Reading MODEL -----------------------------------------------------------------
+def read_source(args) -> Source:
+    data = read_file(args.model)
+    if is_archive(data):
+        if args.factory or args.input_shape or args.trust_pickle:
+            raise BadInput(f"{args.model} is a granet_fx archive: --model, --input-shape and --trust-pickle "
+                           "apply to checkpoints only")
+        saved = load(args.model)
+        return Source("granet_fx archive", None, saved.program, saved.dynamic_batch,
+                      saved.example_inputs, saved.reference_outputs, saved.layers)
+    if not _is_torch_file(data):
+        raise BadInput(f"{args.model} is not a granet_fx archive or a PyTorch checkpoint "
+                       "(truncated, or a file from another tool)")
+    if args.input_shape is None:
+        raise BadInput("--input-shape is required for a checkpoint (the model's input shape, e.g. 1,3,32,32)")
+    shapes = [_parse_shape(s) for s in args.input_shape]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol: the error says what matters
+            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        kind = "state_dict"
+    except Exception as e:
+        if not _holds_python_objects(data, e):
+            raise BadInput(f"{args.model} is a damaged PyTorch checkpoint: {first_line(e)}") from None
+        if not args.trust_pickle:
+            raise BadInput(f"{args.model} holds pickled Python objects (a whole module?); loading it would run "
+                           "code from the file: pass --trust-pickle only if you trust it, or save a state_dict") from None
+        obj = _load_pickle(args.model, data)
+        kind = "pickled module"
+    if kind == "state_dict":
+        if not args.factory:
+            raise BadInput(f"{args.model} is a state_dict: pass --model package.module:factory to build the model")
+        module = _module_from_state_dict(args.model, obj, args.factory)
+    else:
+        if args.factory:
+            raise BadInput("--model applies to a state_dict; this checkpoint holds a whole module")
+        module = obj
+    module.eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    try:
+        with torch.no_grad():
+            reference = flat_tensors(module(*inputs))
+    except Exception as e:
+        shown = " and ".join(",".join(map(str, s)) for s in shapes)
+        raise BadInput(f"the model does not take input shape {shown}: {first_line(e)}") from None
+    return Source(kind, module, None, False, inputs, reference, _layer_reports(module, inputs))
+
+
+def _is_torch_file(data: bytes) -> bool:
+    """A torch.save zip archive, or a pickle stream (torch.save's legacy format, or a plain pickle)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except zipfile.BadZipFile:
+        pass
+    return data[:1] == b"\x80"  # pickle protocol 2 and later start with PROTO
+
+
+def _holds_python_objects(data: bytes, error: Exception) -> bool:
+    """Whether torch.load(weights_only=True) refused ``data`` because it holds pickled Python objects.
+
+    True when the pickle parses and names Python callables (GLOBAL/STACK_GLOBAL)
+    that the weights-only unpickler does not allow; False for a damaged file.
+    """
+    if "Unsupported global" in str(error):
+        return True
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            stream = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    except (zipfile.BadZipFile, StopIteration, KeyError, OSError):
+        stream = data
+    names = set()
+    try:
+        for opcode, _, _ in pickletools.genops(stream):
+            names.add(opcode.name)
+    except Exception:
+        return False
+    return bool(names & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"})
+
+
+def _load_pickle(path: str, data: bytes) -> nn.Module:
+    try:
+        obj = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+    except Exception as e:
+        raise BadInput(f"cannot unpickle {path}: {first_line(e)}") from None
+    if not isinstance(obj, nn.Module):
+        raise BadInput(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def _module_from_state_dict(path: str, state: object, factory: str) -> nn.Module:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise BadInput(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    module = _call_factory(factory)
+    masks = {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    masks = {k: v for k, v in masks.items() if k in state}
+    weights = {k: v for k, v in state.items() if k[: -len(MASK_SUFFIX)] not in masks}
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise BadInput(f"{path} does not fit {factory}(): {first_line(e)} {_rest(e)}".strip()) from None
+    with torch.no_grad():
+        for name, mask in masks.items():
+            module.get_parameter(name).mul_(mask)
+    return module
+
+
+def _rest(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines()[1:] if line.strip()]
+    return " ".join(lines)[:300]
+
+
+def _call_factory(spec: str) -> nn.Module:
+    match = re.fullmatch(r"([\w.]+):([\w.]+)", spec)
+    if not match:
+        raise BadInput(f"--model must look like package.module:factory; got {spec!r}")
+    module_name, attr = match.groups()
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except ImportError as e:
+        raise BadInput(f"--model {spec}: cannot import {module_name}: {first_line(e)}") from None
+    except AttributeError:
+        raise BadInput(f"--model {spec}: {module_name} has no {attr}") from None
+    try:
+        model = obj()
+    except Exception as e:
+        raise BadInput(f"--model {spec}: calling it failed: {first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise BadInput(f"--input-shape must be positive integers separated by commas, e.g. 1,3,32,32; got {text!r}")
+    return shape
+
+
+def _layer_reports(module: nn.Module, inputs: tuple) -> list[LayerReport]:
+    """Conv/linear weights of a plain module, their density counted by nonzeros."""
+    macs = _count_macs(module, inputs)
+    reports = []
+    for name, m in module.named_modules():
+        if isinstance(m, WEIGHT_MODULES):
+            w = m.weight
+            reports.append(LayerReport(f"{name}.weight" if name else "weight", type(m).__name__.lower(),
+                                       tuple(w.shape), w.numel(), int(torch.count_nonzero(w)), True, macs.get(id(w))))
+    return reports
+
+
+# The summary -------------------------------------------------------------------
+def summary(source: Source, dense_bytes: int, sparse_bytes: int, sparse_names: list[str], dense_only: bool) -> str:
+    rows = [("layer", "kind", "shape", "weights", "density")]
+    for l in source.layers:
+        rows.append((l.name, l.kind, "x".join(map(str, l.shape)), f"{l.numel:,}",
+                     f"{l.density:.4f}" + ("" if l.masked else " (dense)")))
+    lines = _table(rows)
+    masked = [l for l in source.layers if l.masked]
+    if masked:
+        density = sum(l.active for l in masked) / sum(l.numel for l in masked)
+        counted = "kept by the masks" if source.kind == "granet_fx archive" else "nonzero"
+        lines.append(f"global density {density:.4f} ({counted}; sparsity {1 - density:.4f}) "
+                     f"over {len(masked)} conv/linear weights")
+    if source.layers and all(l.macs is not None for l in source.layers):
+        total = sum(l.macs for l in source.layers)
+        if total:
+            flops = sum(l.macs * l.density for l in source.layers) / total
+            lines.append(f"inference FLOPs {flops:.4f} x dense (conv/linear multiply-accumulates)")
+    lines.append("")
+    stored = "dense (--dense-initializers)" if dense_only else f"weights stored sparse: {len(sparse_names)}"
+    lines += _table([
+        ("ONNX file", "bytes", "x dense"),
+        ("dense weights", f"{dense_bytes:,}", "1.000"),
+        ("written", f"{sparse_bytes:,}", f"{sparse_bytes / dense_bytes:.3f}  ({stored})"),
+    ])
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+if __name__ == "__main__":
+    console()

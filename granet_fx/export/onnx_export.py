@@ -1,0 +1,80 @@
+"""ONNX through ``torch.onnx.export`` (dynamo), and the checks an exported file must pass."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+
+
+class ExportError(RuntimeError):
+    """torch.onnx.export failed, or did not give what was asked for."""
+
+
+def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) -> onnx.ModelProto:
+    """Export ``program`` with ``torch.onnx.export(dynamo=True)``, without its console output.
+
+    The IR version is set to the lowest one that the opsets need (the exporter
+    may write a newer one than onnxruntime reads). Raises ``ExportError`` when
+    the export fails, ``ValueError`` when the exporter cannot write ``opset``.
+    """
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in quiet]
+    captured = io.StringIO()
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            warnings.simplefilter("ignore")
+            exported = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise ExportError(f"torch.onnx.export failed: {lines[0] if lines else type(e).__name__}") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    model = exported.model_proto
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:
+        raise ValueError(f"torch.onnx.export cannot write opset {opset} for this model (it wrote opset {got})")
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return model
+
+
+def check(model: onnx.ModelProto, *, full: bool = True) -> None:
+    """``onnx.checker.check_model``; ``full`` adds strict shape and type inference."""
+    onnx.checker.check_model(model, full_check=full)
+
+
+def run_onnxruntime(model: bytes, inputs: Sequence[torch.Tensor], threads: int = 0) -> list[np.ndarray]:
+    """Run a serialized ONNX model once in onnxruntime (CPU) on ``inputs``, in the graph's input order."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the ONNX model takes {len(names)} inputs, not {len(inputs)}")
+    return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
+
+
+def max_abs_error(actual: Sequence[np.ndarray], expected: Sequence[torch.Tensor]) -> float:
+    """Largest ``|actual - expected|`` over all outputs; inf when their number or shapes differ."""
+    if len(actual) != len(expected):
+        return float("inf")
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        e = e.detach().cpu().numpy()
+        if a.shape != e.shape:
+            return float("inf")
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))))
+    return worst

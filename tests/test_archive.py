@@ -1,0 +1,176 @@
+"""save/load: a folded model in a torch.export archive that loads without running code from the file."""
+
+import io
+import json
+import os
+import pathlib
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import granet_fx as gf
+
+from helpers import SmallCNN
+from test_fold import trained
+
+
+class Touch:
+    """Unpickling this creates a marker file: the proof that code from a file ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def rewrite(data: bytes, changes: dict) -> bytes:
+    """A copy of zip ``data`` with entries replaced, added (name -> bytes) or removed (name -> None)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        names = src.namelist()
+        root = names[0].split("/", 1)[0]
+        full = {f"{root}/{k}": v for k, v in changes.items()}
+        for name in names:
+            if name in full:
+                if full[name] is not None:
+                    dst.writestr(name, full[name])
+            else:
+                dst.writestr(name, src.read(name))
+        for name, value in full.items():
+            if name not in names and value is not None:
+                dst.writestr(name, value)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model, granet = trained(SmallCNN())
+    model.eval()
+    path = tmp_path_factory.mktemp("archive") / "model.pt2"
+    x = torch.randn(1, 1, 12)
+    gf.save(model, path, example_inputs=(x,))
+    return model, granet, x, path
+
+
+def test_round_trip(saved):
+    model, granet, x, path = saved
+    loaded = gf.load(path)
+    assert loaded.config == gf.sparse_info(model).config
+    assert torch.equal(loaded.example_inputs[0], x)
+    with torch.no_grad():
+        expected = model(x)
+    assert len(loaded.reference_outputs) == 1 and torch.equal(loaded.reference_outputs[0], expected)
+    assert torch.equal(loaded.module()(x), expected)
+    # densities: the masks' counts; MACs of a conv1d: output elements x in_channels x kernel
+    masks = granet.masks()
+    layers = {l.name: l for l in loaded.layers}
+    for name, mask in masks.items():
+        assert layers[name].active == int(mask.sum()) and layers[name].numel == mask.numel()
+    assert layers["conv1.weight"].macs == 8 * 12 * 1 * 5
+    assert layers["conv2.weight"].macs == 16 * 12 * 8 * 3
+    assert layers["fc.weight"].macs == 4 * 16
+    # the batch is dynamic: other batch sizes give what the model gives
+    assert loaded.dynamic_batch
+    x3 = torch.randn(3, 1, 12)
+    assert torch.allclose(loaded.module()(x3), model(x3), rtol=0, atol=1e-6)
+
+
+def test_archive_holds_no_pickle(saved):
+    *_, path = saved
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            data = z.read(name)
+            assert not data.startswith(b"\x80"), f"{name} looks like a pickle"
+            assert b"data.pkl" not in name.encode()
+        metadata = json.loads(z.read(next(n for n in z.namelist() if n.endswith("extra/granet_fx.json"))))
+    assert metadata["format"] == "granet_fx.archive" and metadata["config"]["final_sparsity"] == 0.8
+
+
+def test_save_is_atomic(saved, tmp_path):
+    model, _, x, path = saved
+    target = tmp_path / "model.pt2"
+    target.write_bytes(b"precious")
+    with pytest.raises(TypeError, match="example_inputs"):
+        gf.save(model, target, example_inputs=("not a tensor",))
+    assert target.read_bytes() == b"precious"
+    gf.save(model, target, example_inputs=(x,))
+    assert gf.load(target).example_inputs[0].shape == x.shape
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2"]  # no temporary file left
+
+
+def test_code_in_a_crafted_archive_never_runs(saved, tmp_path):
+    *_, path = saved
+    marker = tmp_path / "code-ran"
+    data = path.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        root = z.namelist()[0].split("/", 1)[0]
+        config = json.loads(z.read(f"{root}/data/weights/model_weights_config.json"))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    evil = rewrite(data, {
+        "data/weights/model_weights_config.json": json.dumps(config).encode(),
+        "data/weights/" + first["path_name"]: pickle.dumps(Touch(marker)),
+    })
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(evil)
+
+    with pytest.raises(gf.ArchiveError, match="pickled tensors"):
+        gf.load(crafted)
+    assert not marker.exists()
+    # The same file through torch.export.load runs the code: the check above is what stops it.
+    with pytest.raises(Exception):
+        torch.export.load(crafted)
+    assert marker.exists()
+
+
+def test_unknown_entries_are_refused(saved, tmp_path):
+    *_, path = saved
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(rewrite(path.read_bytes(), {"data/sample_inputs/model.pt": pickle.dumps(Touch(marker))}))
+    with pytest.raises(gf.ArchiveError, match="pickled sample inputs"):
+        gf.load(crafted)
+    crafted.write_bytes(rewrite(path.read_bytes(), {"data/aotinductor/model/model.so": b"\x7fELF"}))
+    with pytest.raises(gf.ArchiveError, match="never writes"):
+        gf.load(crafted)
+    assert not marker.exists()
+
+
+def bad_file(kind: str, archive: bytes):
+    """A file that load must refuse (None: no file), and the words its error must contain."""
+    if kind == "torch_export_without_metadata":
+        plain = io.BytesIO()
+        torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),)), plain)
+        return plain.getvalue(), "without granet_fx.json"
+    if kind == "state_dict":
+        state = io.BytesIO()
+        torch.save({"w": torch.ones(2)}, state)
+        return state.getvalue(), "without granet_fx.json"
+    metadata = {"other_format": {"format": "other"}, "newer_version": {"format": "granet_fx.archive", "version": 99}}
+    if kind in metadata:
+        words = "not granet_fx metadata" if kind == "other_format" else "version 99"
+        return rewrite(archive, {"extra/granet_fx.json": json.dumps(metadata[kind]).encode()}), words
+    return {
+        "missing": (None, "no such file"),
+        "empty": (b"", "empty"),
+        "random": (os.urandom(4096), "not a complete zip"),
+        "truncated": (archive[: len(archive) // 2], "not a complete zip"),
+        "flipped_byte": (archive[:200] + bytes([archive[200] ^ 0xFF]) + archive[201:], "damaged"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "random", "truncated", "torch_export_without_metadata",
+                                  "state_dict", "other_format", "newer_version", "flipped_byte"])
+def test_bad_files_get_one_clear_error(saved, tmp_path, kind):
+    *_, path = saved
+    data, words = bad_file(kind, path.read_bytes())
+    target = tmp_path / "bad.pt2"
+    if data is not None:
+        target.write_bytes(data)
+    with pytest.raises(gf.ArchiveError, match=words) as info:
+        gf.load(target)
+    assert str(target) in str(info.value) and "\n" not in str(info.value)
