@@ -9,12 +9,14 @@ Needs the ``plots`` extra: ``pip install 'granet-fx[plots]'``.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import runs
+from .export.files import atomic_write
 
 
 def _figure(rows: int = 1, height: float = 4.0):
@@ -27,7 +29,10 @@ def _figure(rows: int = 1, height: float = 4.0):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    return runs.replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic_write(path, png.getvalue())
+    return Path(path)
 
 
 def plot_accuracy(sweep: dict, path: str | os.PathLike) -> Path:
@@ -133,15 +138,18 @@ def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.Pa
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit code 2
+        raise ValueError(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``granet-report RUN.json -o DIR``: write the PNGs of a saved run or sweep."""
-    parser = argparse.ArgumentParser(
-        prog="granet-report", description="Write PNG plots of a saved granet_fx run or sweep (JSON)."
-    )
+    """``granet-report RUN.json -o DIR``: write the PNGs of a saved run or sweep; 2 on bad input."""
+    parser = _Parser(prog="granet-report", description="Write PNG plots of a saved granet_fx run or sweep (JSON).")
     parser.add_argument("file", help="a run or sweep file (JSON)")
     parser.add_argument("-o", "--out", default=".", help="folder for the PNGs (default: current folder)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         for path in plot_report(args.file, args.out):
             print(path)
     except (ValueError, OSError, ImportError) as e:

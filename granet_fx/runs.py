@@ -1,8 +1,8 @@
 """Saved runs: what training did over time, and the results of a sweep, as JSON.
 
 A *run* records one real training run: the schedule over time (target
-sparsity, actual global sparsity, scheduled regrowth fraction), the share of
-connections that were new after each mask update, and where each layer ended
+sparsity, actual global sparsity, scheduled regrowth fraction), the measured
+share of regrown connections at each mask update, and where each layer ended
 (its density next to the ERK density of the same layer at the same final
 sparsity). A *sweep* holds the results of many runs (method, sparsity, seed,
 test accuracy, FLOPs), their summary over seeds, and a few runs. The plots in
@@ -15,10 +15,11 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .controller import GraNet
 from .criteria import erk_densities
+from .export.files import atomic_write
 
 RUN_FORMAT = "granet_fx.run"
 SWEEP_FORMAT = "granet_fx.sweep"
@@ -173,25 +174,10 @@ def _mean_or_none(values) -> float | None:
 # Files ----------------------------------------------------------------------------
 
 
-def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    A failure leaves whatever was at ``path`` untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_json(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON (no NaN), replacing ``path`` only once it is written whole."""
-    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    return replace_atomically(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())
+    return Path(path)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def test_cli_writes_pngs(tmp_path, capsys):
                                      ("accuracy.png", "schedule.png", "layer_density.png"))
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "foreign", "out is a file"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "foreign", "out is a file", "unknown option"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
     path = tmp_path / "run.json"
     out = tmp_path / "out"
@@ -92,7 +92,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
     elif problem == "out is a file":
         runs.save_json(fake_run("GraNet", 0.0), path)
         out.write_text("keep me")
-    assert plots.main([str(path), "-o", str(out)]) == 2
+    extra = ["--bogus"] if problem == "unknown option" else []
+    assert plots.main([str(path), "-o", str(out), *extra]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("granet-report: error: ")
     if problem == "out is a file":

@@ -176,16 +176,9 @@ def test_load_names_the_problem(tmp_path, content, message):
     assert str(path) in str(e.value)
 
 
-def test_failed_write_keeps_the_old_file(tmp_path):
+def test_failed_save_keeps_the_old_file(tmp_path):
     path = tmp_path / "run.json"
     path.write_text('{"old": true}')
-
-    def write_half(tmp):
-        tmp.write_text('{"new": ')
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        runs.replace_atomically(path, write_half)
     with pytest.raises(ValueError):
         runs.save_json({"accuracy": float("nan")}, path)  # NaN is not JSON
     assert json.loads(path.read_text()) == {"old": True}
