@@ -57,7 +57,7 @@ def measure(name: str, sparsity: float) -> dict:
     error = max_abs_error(run_onnxruntime(data, [x]), [reference])
     dense_bytes, sparse_bytes = len(dense.SerializeToString()), len(data)
     ratio, ideal = sparse_bytes / dense_bytes, 3 * density
-    # Where the sparse file's bytes go: sparse payload, tensors kept dense, and the graph (nodes, metadata).
+    # Where the sparse file's bytes go: sparse payload, tensors kept dense, and the graph (nodes, value_info).
     payload = sum(len(a.sparse_tensor.values.raw_data) + len(a.sparse_tensor.indices.raw_data)
                   for node in sparse.graph.node for a in node.attribute if a.name == "sparse_value")
     kept = sum(t.ByteSize() for t in sparse.graph.initializer)
@@ -98,7 +98,7 @@ def main() -> None:
     print(f"worst sparse/dense over ideal: {worst:.3f}x (target <= {TARGET}x): "
           f"{'met' if worst <= TARGET else 'NOT met'}")
     print("payload: sparse values + int64 indices; kept dense: weights denser than 1/3, biases, norms, "
-          "shape constants; graph: nodes, their exporter metadata, value_info")
+          "shape constants; graph: nodes and value_info")
     if args.json:
         payload = {"command": f"python benchmarks/export_size.py {' '.join(sys.argv[1:])}".rstrip(),
                    "target_ratio_over_ideal": TARGET, "results": results}

@@ -129,3 +129,11 @@ def test_checker(exported):
 def test_bad_layout():
     with pytest.raises(ValueError, match="layout"):
         store_sparse(onnx.ModelProto(), "coo")
+
+
+def test_exporter_debug_annotations_are_dropped(exported):
+    *_, dense = exported
+    keys = {kv.key for node in dense.graph.node for kv in node.metadata_props}
+    keys |= {kv.key for v in dense.graph.value_info for kv in v.metadata_props}
+    assert not any(k == "namespace" or k.startswith("pkg.torch.onnx.") for k in keys)
+    assert b"stack_trace" not in dense.SerializeToString()

@@ -46,7 +46,27 @@ def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) 
     if opset is not None and got != opset:
         raise ValueError(f"torch.onnx.export cannot write opset {opset} for this model (it wrote opset {got})")
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    strip_exporter_metadata(model)
     return model
+
+
+def _is_exporter_annotation(key: str) -> bool:
+    return key == "namespace" or key.startswith("pkg.torch.onnx.")
+
+
+def strip_exporter_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug annotations (Python stack traces with the
+    exporting machine's file paths, fx node text, module names) from ``model`` in place.
+
+    They do not change what the model computes, and in a sparse model they are a
+    noticeable share of the file.
+    """
+    for items in (model.graph.node, model.graph.value_info, model.graph.input, model.graph.output):
+        for item in items:
+            kept = [kv for kv in item.metadata_props if not _is_exporter_annotation(kv.key)]
+            if len(kept) != len(item.metadata_props):
+                del item.metadata_props[:]
+                item.metadata_props.extend(kept)
 
 
 def check(model: onnx.ModelProto, *, full: bool = True) -> None:
