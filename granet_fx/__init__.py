@@ -2,7 +2,9 @@
 
 from .config import GraNetConfig
 from .controller import GraNet
+from .plots import plot_report
 from .report import LayerReport, SparsityReport
+from .runs import RunRecorder
 from .sparsify import SparseLayer, SparseModelInfo, sparse_info, sparsify
 from .fold import fold
 from .export.archive import ArchiveError, SavedModel, load, save
@@ -14,5 +16,6 @@ __all__ = [
     "CompactionReport", "compact", "compaction_report",
     "GraNet", "GraNetConfig", "LayerReport", "SparseLayer", "SparseModelInfo",
     "SparsityReport", "sparse_info", "sparsify",
+    "RunRecorder", "plot_report",
 ]
 __all__ += ["ArchiveError", "SavedModel", "fold", "load", "save"]
