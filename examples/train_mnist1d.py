@@ -6,6 +6,7 @@ which checks it in onnxruntime and prints the size summary.
 
     python examples/train_mnist1d.py                 # GraNet, 90% sparsity, 4000 steps
     python examples/train_mnist1d.py --method rigl --sparsity 0.95
+    python examples/train_mnist1d.py --save-run run.json && granet-report run.json -o plots/
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,7 @@ from granet_fx.config import METHODS
 from granet_fx.export import cli
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
+from granet_fx.runs import save_json
 
 
 def main() -> None:
@@ -35,6 +38,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", action="store_true", help="train in eager mode")
     parser.add_argument("--out", default="runs/mnist1d", help="folder for the saved model and the ONNX file")
+    parser.add_argument("--save-run", metavar="RUN.json",
+                        help="record the schedule and final layer densities for granet-report")
     args = parser.parse_args()
 
     try:
@@ -43,18 +48,24 @@ def main() -> None:
                                  update_every=args.update_every)
     except ValueError as e:
         parser.error(str(e))
+    if args.save_run and not Path(args.save_run).resolve().parent.is_dir():
+        parser.error(f"--save-run: folder {Path(args.save_run).parent} does not exist")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     print("generating MNIST-1D (10,000 samples) ...", flush=True)
     data = load_mnist1d()
     mode = "eager" if args.no_compile else "torch.compile"
     print(f"training {args.method} at {args.sparsity:.0%} sparsity for {args.steps} steps ({mode}) ...", flush=True)
+    recorder = gf.RunRecorder(every=max(args.steps // 300, 1)) if args.save_run else None
     result = train_mnist1d(Mnist1dCNN(args.channels), config, data, compile=not args.no_compile,
-                           seed=args.seed, progress=True)
+                           seed=args.seed, progress=True, callback=recorder)
     print()
     print(result.report)
     print()
     print(f"test accuracy {result.accuracy:.2%} on {len(data.y_test)} samples, "
           f"training took {result.seconds:.1f} s")
+    if recorder is not None:
+        save_json(recorder.run(accuracy=result.accuracy), args.save_run)
+        print(f"run saved to {args.save_run}; plot it with: granet-report {args.save_run} -o DIR")
 
     os.makedirs(args.out, exist_ok=True)
     saved, onnx_file = os.path.join(args.out, "mnist1d.pt2"), os.path.join(args.out, "mnist1d.onnx")

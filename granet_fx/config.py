@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 METHODS = ("granet", "gmp", "rigl", "set", "static", "dense")
 DISTRIBUTIONS = ("erk", "uniform")
 SCOPES = ("global", "layer")
-GRANULARITIES = ("unstructured",)
+GRANULARITIES = ("unstructured", "channel")  # and "n:m", for example "2:4"
 # Methods whose masks start at the final sparsity and never change their density.
 FIXED_DENSITY_METHODS = ("rigl", "set", "static")
 # Methods that prune gradually along the cubic schedule.
@@ -43,6 +43,7 @@ class GraNetConfig:
     distribution: str = "erk"
     scope: str = "global"
     granularity: str = "unstructured"
+    channel_multiple: int = 1  # granularity="channel": layers keep a multiple of this many channels
     exclude: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
 
@@ -59,6 +60,12 @@ class GraNetConfig:
         if self.prune_end is not None:
             return self.prune_end
         return (self.total_steps or 0) // 2
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for ``granularity="n:m"``, else None."""
+        match = _NM.match(self.granularity) if isinstance(self.granularity, str) else None
+        return (int(match[1]), int(match[2])) if match else None
 
     @property
     def start_sparsity(self) -> float:
@@ -114,6 +121,8 @@ class GraNetConfig:
             )
         if not isinstance(self.update_every, int) or self.update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
+        if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be an integer >= 1; got {self.channel_multiple!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         for pattern in self.exclude:
@@ -125,11 +134,20 @@ class GraNetConfig:
         g = self.granularity
         if g in GRANULARITIES:
             return
-        if g == "channel" or (isinstance(g, str) and _NM.match(g)):
+        if not (isinstance(g, str) and _NM.match(g)):
             raise ValueError(
-                f"granularity={g!r} is not supported yet; allowed values: {_choices(GRANULARITIES)}"
+                f"granularity must be one of {_choices(GRANULARITIES)} or 'n:m' (for example '2:4'); got {g!r}"
             )
-        raise ValueError(f"granularity must be one of {_choices(GRANULARITIES)}; got {g!r}")
+        n, m = self.nm
+        if not 0 < n < m:
+            raise ValueError(f"granularity={g!r}: N:M needs 0 < N < M")
+        s_f = self.final_sparsity
+        if self.method in PRUNING_METHODS + FIXED_DENSITY_METHODS and isinstance(s_f, (int, float)) \
+                and abs(s_f - (1 - n / m)) > 1e-9:
+            raise ValueError(
+                f"granularity={g!r} keeps {n} of every {m} weights: set final_sparsity={1 - n / m:g} "
+                f"(got {self.final_sparsity})"
+            )
 
     def _validate_steps(self) -> None:
         needs_steps = self.method in PRUNING_METHODS + REGROWTH_METHODS

@@ -14,6 +14,7 @@ from .criteria import drop_smallest, grow_largest, prune_global
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
 from .sparsify import initial_counts, sparse_info, unwrap
+from .structured import structured_masks
 
 
 class GraNet:
@@ -49,6 +50,7 @@ class GraNet:
         shapes = [l.shape for l in masked]
         self._final_counts = initial_counts(self.config, shapes, self.config.final_sparsity)
         self._start_counts = initial_counts(self.config, shapes, self.config.start_sparsity)
+        self._structured = structured_masks(self.model, info)  # None for unstructured sparsity
         self._count_active()
         self.apply_masks()
 
@@ -132,6 +134,10 @@ class GraNet:
     @torch.no_grad()
     def _prune(self, t: int) -> None:
         c = self.config
+        if self._structured is not None:
+            self._structured.prune(self.target_sparsity(t), c.scope)
+            self.apply_masks()
+            return
         scores = [w.abs() for w in self._weights]
         if c.scope == "global":
             keep = round((1.0 - self.target_sparsity(t)) * sum(m.numel() for m in self._masks))
@@ -149,6 +155,10 @@ class GraNet:
     @torch.no_grad()
     def _regrow(self, t: int) -> None:
         fraction = self.regrow_fraction(t)
+        if self._structured is not None:
+            self._structured.regrow(fraction, self._generator if self.config.method == "set" else None)
+            self.apply_masks()
+            return
         for w, m in zip(self._weights, self._masks):
             if w.grad is None:
                 continue
@@ -175,6 +185,8 @@ class GraNet:
     # Book-keeping ----------------------------------------------------------
     def _count_active(self) -> None:
         self._active = {n: int(torch.count_nonzero(m)) for n, m in zip(self._names, self._masks)}
+        if self._structured is not None:
+            self._active.update(self._structured.active())
 
     def _sparse_macs(self) -> float:
         return sum(l.macs * self._active.get(l.name, l.numel) / l.numel for l in self.layers)

@@ -224,3 +224,82 @@ def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: i
     lo = sample[low].item() if low >= 0 else -math.inf
     hi = sample[high].item() if high < sample.numel() else math.inf
     return lo, hi
+
+
+# Structured granularities: whole channels, N:M ---------------------------------
+
+
+def channel_norms(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each channel's weights: dimension 0 of every tensor in ``rows`` indexes the channels.
+
+    A channel made by several layers (the channels of a residual stream) scores
+    the root mean square of its row norms, so that it compares with channels
+    made by one layer.
+    """
+    return torch.stack([r.detach().float().flatten(1).pow(2).sum(1) for r in rows]).mean(0).sqrt()
+
+
+def prune_channels(scores: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], costs: Sequence[int],
+                   budget: int) -> list[torch.Tensor]:
+    """Keep the active channels with the largest score over all groups, at most ``budget`` in cost.
+
+    Group g's channels each cost ``costs[g]`` (the rows that make them). Every
+    group keeps its best active channel whatever the budget: a group with no
+    channel would cut the network. Ties are broken by group order, then index.
+    """
+    flat, cost, best, start = [], [], [], 0
+    for s, k, c in zip(scores, keeps, costs):
+        s = s.detach().float().masked_fill(~k, -math.inf)
+        if k.any():
+            best.append(start + int(s.argmax()))
+        flat.append(s)
+        cost.append(torch.full_like(s, float(c)))
+        start += len(s)
+    s, c = torch.cat(flat), torch.cat(cost)
+    s[best] = math.inf
+    order = torch.sort(s, descending=True, stable=True).indices
+    order = order[s[order] > -math.inf]
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep[order[torch.cumsum(c[order], 0) <= budget]] = True
+    keep[best] = True
+    return list(torch.split(keep, [len(x) for x in flat]))
+
+
+def round_kept(score: torch.Tensor, keep: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Keep the nearest multiple of ``multiple`` channels (at least one multiple, at most all of them):
+    drop the kept ones with the smallest score, or add the others with the largest."""
+    n, k = keep.numel(), int(keep.sum())
+    target = min(n, max(multiple, multiple * round(k / multiple)))
+    if target > k:
+        return grow_largest(score, keep, target - k)
+    return drop_smallest(score, keep, k - target)
+
+
+def _groups_of(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Rows of ``m`` consecutive weights along the input dimension (dimension 1)."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def _from_groups(g: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    moved = (shape[0], *shape[2:], shape[1])
+    return g.reshape(moved).movedim(-1, 1)
+
+
+def nm_keep_largest(score: torch.Tensor, mask: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive input weights, keep the ``k`` active ones with the largest score."""
+    groups = _groups_of(mask, m)
+    s = _groups_of(score.detach().float(), m).masked_fill(~groups, -math.inf)
+    new = torch.zeros_like(groups)
+    new.scatter_(1, torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k], True)
+    return _from_groups(new & groups, mask.shape)
+
+
+def nm_refill(score: torch.Tensor, mask: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` with fewer than ``k`` active weights, activate the inactive ones with the largest score."""
+    groups = _groups_of(mask, m)
+    s = _groups_of(score.detach().float(), m).masked_fill(groups, -math.inf)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(m).expand_as(order))
+    need = (k - groups.sum(1, keepdim=True)).clamp(min=0)
+    return _from_groups(groups | ((rank < need) & ~groups), mask.shape)

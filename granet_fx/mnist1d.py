@@ -10,6 +10,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,14 @@ def train_mnist1d(
     compile: bool = True,
     seed: int = 0,
     progress: bool = False,
+    callback: Callable[[GraNet], None] | None = None,
 ) -> TrainResult:
     """Sparsify ``model`` and train it on MNIST-1D for ``config.total_steps`` steps.
 
     SGD with Nesterov momentum 0.9; the learning rate drops 10x at 50% and 75%
     of training (GraNet's CIFAR recipe, in steps instead of epochs).
+    ``callback(granet)``, if given, is called once before the first step and
+    after every step (for example a ``granet_fx.runs.RunRecorder``).
     """
     steps = config.total_steps
     if not steps:
@@ -91,6 +95,8 @@ def train_mnist1d(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps // 2, steps * 3 // 4], 0.1)
     granet = GraNet(model, optimizer)
+    if callback is not None:
+        callback(granet)
     forward = torch.compile(model) if compile else model
     generator = torch.Generator().manual_seed(seed)
     n = len(data.x_train)
@@ -109,6 +115,8 @@ def train_mnist1d(
         optimizer.step()
         granet.step()
         schedule.step()
+        if callback is not None:
+            callback(granet)
         if progress and (step % max(steps // 20, 1) == 0 or step == steps):
             r = granet.report()
             print(f"\rstep {step}/{steps}  loss {loss.item():.3f}  sparsity {r.global_sparsity:.3f}",

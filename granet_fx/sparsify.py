@@ -18,6 +18,7 @@ from .criteria import layer_densities, apportion, random_mask
 from .passes.insert_masks import insert_masks
 from .passes.ops import WEIGHT_MODULES, is_weight_op, macs_of, weight_argument, weight_uses
 from .passes.trace import Piece, trace_pieces, training_mode
+from .structured import init_structured_masks
 
 INFO_ATTR = "_granet_fx"
 MASK_SUFFIX = "_mask"
@@ -45,6 +46,7 @@ class SparseModelInfo:
 
     config: GraNetConfig
     layers: list[SparseLayer] = field(default_factory=list)
+    channel_groups: list = field(default_factory=list)  # granularity="channel": passes.channel_groups.ChannelGroup
 
     @property
     def masked(self) -> list[SparseLayer]:
@@ -123,7 +125,7 @@ def sparsify(model: nn.Module, config: GraNetConfig, *, example_inputs: Any = No
     generator = torch.Generator().manual_seed(config.seed)
     for layer, keep in zip(masked, counts):
         weight = new.get_parameter(layer.name)
-        if keep == layer.numel:
+        if keep == layer.numel or config.granularity != "unstructured":
             mask = torch.ones(layer.shape, dtype=torch.bool)
         else:
             mask = random_mask(layer.shape, keep, generator)
@@ -133,7 +135,10 @@ def sparsify(model: nn.Module, config: GraNetConfig, *, example_inputs: Any = No
             weight.mul_(mask.to(weight.device))
     for piece in pieces:
         insert_masks(piece.module, targets.get(piece.prefix, {}))
-    setattr(new, INFO_ATTR, SparseModelInfo(config, layers))
+    info = SparseModelInfo(config, layers)
+    if config.granularity != "unstructured":
+        init_structured_masks(new, info, example_inputs, generator)
+    setattr(new, INFO_ATTR, info)
     return new
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import random
 import pickle
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def unwritable_folder(tmp_path):
 BAD = {
     "missing file": lambda t, a: ([t / "nope.pt2"], "no such file"),
     "empty file": lambda t, a: ([write(t / "empty.pt2", b"")], "is empty"),
-    "random bytes": lambda t, a: ([write(t / "random.pt2", os.urandom(3000))], "not a granet_fx archive"),
+    "random bytes": lambda t, a: ([write(t / "random.pt2", random.Random(0).randbytes(3000))], "not a granet_fx archive"),
     "truncated archive": lambda t, a: ([write(t / "cut.pt2", a.read_bytes()[:5000])], "not a granet_fx archive"),
     "onnx file": lambda t, a: ([write(t / "m.onnx", onnx.helper.make_model(
         onnx.helper.make_graph([], "g", [], [])).SerializeToString())], "not a granet_fx archive"),

@@ -178,7 +178,7 @@ def test_tied_weight_with_embedding_stays_dense():
         ({"method": "magic"}, "method"),
         ({"distribution": "normal"}, "distribution"),
         ({"scope": "model"}, "scope"),
-        ({"granularity": "channel"}, "granularity"),
+        ({"granularity": "3:2"}, "granularity"),
         ({"granularity": "2:4"}, "granularity"),
         ({"granularity": "blocks"}, "granularity"),
         ({"total_steps": None}, "total_steps"),

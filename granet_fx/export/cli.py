@@ -229,7 +229,7 @@ def _is_torch_file(data: bytes) -> bool:
             return any(n.endswith("/data.pkl") for n in z.namelist())
     except zipfile.BadZipFile:
         pass
-    return data[:1] == b"\x80"  # pickle protocol 2 and later start with PROTO
+    return data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # PROTO 2-5
 
 
 def _holds_python_objects(data: bytes, error: Exception) -> bool:

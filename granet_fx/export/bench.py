@@ -1,0 +1,354 @@
+"""granet-bench: onnxruntime latency of an ONNX model, side by side with a baseline.
+
+    granet-bench model.onnx --baseline dense.onnx --batch 1,32 --threads 2
+
+For each batch size both models run alternately (ABAB..., then BABA...), so
+that drift of the machine hits both; medians and 90th percentiles come from
+the same rounds. Reported per model: file size, FLOPs per sample (2 x the
+multiply-accumulates of Conv, MatMul and Gemm, with shapes from ONNX shape
+inference), latency and throughput, and the ratios baseline / model. Inputs
+are random, with the first dimension of every input as the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+PROG = "granet-bench"
+
+
+class BenchError(Exception):
+    """A problem with the user's input: reported in one line, exit code 2."""
+
+
+@dataclass
+class OnnxModel:
+    path: str
+    file_bytes: int
+    flops: int | None          # per sample; None when some shapes are unknown
+    inputs: list = field(default_factory=list)
+
+
+def load(path: str) -> OnnxModel:
+    """Read an ONNX file's size and FLOPs, or raise BenchError saying what is wrong with it."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise BenchError(f"{path}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise BenchError(f"{path}: not an ONNX model ({_first_line(e)})") from e
+    if not model.graph.node:
+        raise BenchError(f"{path}: not an ONNX model (no graph nodes)")
+    size = os.path.getsize(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    external = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                for entry in t.external_data if entry.key == "location"}
+    size += sum(os.path.getsize(os.path.join(folder, f)) for f in external if os.path.isfile(os.path.join(folder, f)))
+    macs = count_macs(model)
+    if macs is None and external:  # shape inference may need small constants stored outside the file
+        macs = count_macs(onnx.load(path))
+    return OnnxModel(path, size, None if macs is None else 2 * macs)
+
+
+def count_macs(model) -> int | None:
+    """Multiply-accumulates of the Conv, MatMul and Gemm nodes for one sample (batch dimension set to 1).
+
+    None when shape inference leaves a needed shape unknown.
+    """
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    del model.graph.value_info[:]  # shapes stored with a symbolic batch: infer them again for batch 1
+    for value in model.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return None
+    shapes: dict[str, list[int | None]] = {}
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+
+    def known(name: str) -> list[int] | None:
+        s = shapes.get(name)
+        return s if s is not None and all(d is not None for d in s) else None
+
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        y, a, w = known(node.output[0]), known(node.input[0]), known(node.input[1])
+        if y is None or a is None or w is None:
+            return None
+        if node.op_type == "Conv":
+            total += math.prod(y) * math.prod(w[1:])
+        elif node.op_type == "MatMul":
+            total += math.prod(y) * a[-1]
+        else:
+            trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+            total += math.prod(y) * (a[0] if trans_a else a[1])
+    return total
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise BenchError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
+
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _feeds(session, path: str, batch: int) -> dict[str, np.ndarray]:
+    """Random inputs for ``batch`` samples: standard normal floats, zeros for integers and booleans."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in session.get_inputs():
+        if value.type not in _DTYPES:
+            raise BenchError(f"{path}: input {value.name!r} has type {value.type}, which {PROG} cannot fill")
+        shape = list(value.shape)
+        if not shape:
+            raise BenchError(f"{path}: input {value.name!r} is a scalar; {PROG} needs a batch dimension")
+        if isinstance(shape[0], int) and shape[0] != batch:
+            raise BenchError(f"{path}: input {value.name!r} has a fixed batch size of {shape[0]}; "
+                             f"--batch {batch} needs a dynamic first dimension")
+        rest = shape[1:]
+        if not all(isinstance(d, int) for d in rest):
+            raise BenchError(f"{path}: input {value.name!r} has dynamic dimensions {shape}; {PROG} needs "
+                             "every dimension but the first to be fixed")
+        dtype = _DTYPES[value.type]
+        size = [batch, *rest]
+        feeds[value.name] = rng.standard_normal(size).astype(dtype) if np.issubdtype(dtype, np.floating) \
+            else np.zeros(size, dtype=dtype)
+    return feeds
+
+
+def _stats(seconds: list[float], batch: int) -> dict[str, float]:
+    median = float(np.median(seconds))
+    return {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
+            "items_per_s": batch / median}
+
+
+def measure(paths: Sequence[str], batches: Sequence[int], threads: int, warmup: int, runs: int,
+            progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Latency of each model at each batch size, the models run alternately; one dict per batch size."""
+    sessions = [_session(p, threads) for p in paths]
+    total, done = len(batches) * (warmup + runs) * len(paths), 0
+    results = []
+    for batch in batches:
+        feeds = [_feeds(s, p, batch) for s, p in zip(sessions, paths)]
+        seconds: list[list[float]] = [[] for _ in paths]
+        for r in range(warmup + runs):
+            order = range(len(paths)) if r % 2 == 0 else reversed(range(len(paths)))
+            for i in order:
+                start = time.perf_counter()
+                try:
+                    sessions[i].run(None, feeds[i])
+                except Exception as e:
+                    raise BenchError(f"{paths[i]}: onnxruntime failed to run it ({_first_line(e)})") from e
+                elapsed = time.perf_counter() - start
+                if r >= warmup:
+                    seconds[i].append(elapsed)
+                done += 1
+                if progress:
+                    progress(done, total, f"batch {batch}")
+        results.append({"batch": batch, "models": [_stats(s, batch) for s in seconds]})
+    return results
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
+
+
+def run(model: str, baseline: str | None, batches: Sequence[int], threads: int, warmup: int, runs: int,
+        progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Measure ``model`` (and ``baseline``) and return the results as a JSON-ready dict."""
+    import onnxruntime as ort
+
+    models = [load(model)] + ([load(baseline)] if baseline else [])
+    timings = measure([m.path for m in models], batches, threads, warmup, runs, progress)
+    result = {
+        "onnxruntime": ort.__version__, "threads": threads, "warmup": warmup, "runs": runs,
+        "machine": machine(),
+        "models": [{"role": role, "path": m.path, "file_bytes": m.file_bytes, "flops_per_sample": m.flops}
+                   for role, m in zip(("model", "baseline"), models)],
+        "results": [],
+    }
+    for t in timings:
+        row = {"batch": t["batch"], "model": t["models"][0]}
+        if baseline:
+            row["baseline"] = t["models"][1]
+            row["speedup"] = row["baseline"]["median_ms"] / row["model"]["median_ms"]
+            row["speedup_p90"] = row["baseline"]["p90_ms"] / row["model"]["p90_ms"]
+        result["results"].append(row)
+    if baseline:
+        a, b = models
+        result["size_ratio"] = b.file_bytes / a.file_bytes
+        result["flops_ratio"] = b.flops / a.flops if a.flops and b.flops else None
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The results as a text table, with the machine and thread count in the header."""
+    m = result["machine"]
+    lines = [
+        f"{PROG}: onnxruntime {result['onnxruntime']}, {result['threads']} thread(s); "
+        f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {m['platform']}",
+        f"warm-up {result['warmup']}, {result['runs']} timed runs per model and batch size, models run alternately",
+        "",
+    ]
+    rows = [("", "file", "size MB", "GFLOPs/sample")]
+    for entry in result["models"]:
+        flops = entry["flops_per_sample"]
+        rows.append((entry["role"], os.path.basename(entry["path"]), f"{entry['file_bytes'] / 1e6:.2f}",
+                     "n/a" if flops is None else f"{flops / 1e9:.4f}"))
+    has_baseline = len(result["models"]) > 1
+    if has_baseline:
+        ratio = result["flops_ratio"]
+        rows.append(("baseline / model", "", f"{result['size_ratio']:.2f}x",
+                     "n/a" if ratio is None else f"{ratio:.2f}x"))
+    lines += columns(rows) + [""]
+    header = ["batch", "model ms", "p90", "items/s"]
+    if has_baseline:
+        header += ["baseline ms", "p90", "items/s", "speedup", "p90"]
+    rows = [tuple(header)]
+    for r in result["results"]:
+        row = [str(r["batch"]), f"{r['model']['median_ms']:.3f}", f"{r['model']['p90_ms']:.3f}",
+               f"{r['model']['items_per_s']:.1f}"]
+        if has_baseline:
+            b = r["baseline"]
+            row += [f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", f"{b['items_per_s']:.1f}",
+                    f"{r['speedup']:.2f}x", f"{r['speedup_p90']:.2f}x"]
+        rows.append(tuple(row))
+    lines += columns(rows)
+    if has_baseline:
+        lines += ["", "ms: median latency; speedup = baseline median / model median (p90: the same for p90)"]
+    return "\n".join(lines)
+
+
+def columns(rows: list[tuple]) -> list[str]:
+    """Rows of strings as left-aligned text columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: an existing file is never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise BenchError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def write_json(result: dict, path: str) -> None:
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
+
+
+def _progress_bar(done: int, total: int, what: str) -> None:
+    width = 30
+    filled = width * done // total
+    end = "\n" if done == total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, {what}  ",
+          end=end, file=sys.stderr, flush=True)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the ONNX model to measure")
+    parser.add_argument("--baseline", help="an ONNX model to compare with (for example the dense one)")
+    parser.add_argument("--batch", type=_positive_list, default=[1], help="batch sizes, for example 1,8,32 (default 1)")
+    parser.add_argument("--threads", type=_at_least(1), default=os.cpu_count() or 1,
+                        help="onnxruntime intra-op threads (default: all logical CPUs)")
+    parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed runs per model and batch (default 5)")
+    parser.add_argument("--runs", type=_at_least(1), default=30, help="timed runs per model and batch (default 30)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.model, args.baseline, args.batch, args.threads, args.warmup, args.runs, _progress_bar)
+        if args.json:
+            write_json(result, args.json)
+    except BenchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

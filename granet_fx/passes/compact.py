@@ -1,0 +1,359 @@
+"""The compaction pass: physically remove the channels that compute nothing.
+
+``compact(model, example_inputs)`` returns a smaller, ordinary (mask-free)
+copy of a model for inference. It removes a channel of a ``ChannelGroup``
+(see ``channel_groups``) wherever that is exact:
+
+- *unread*: every layer that reads the channel has all-zero weights for it,
+  so its value does not matter; or
+- *constant*: every weight row that makes it is zero, so it carries a
+  constant (its bias, through batch norm and activations) whatever the input.
+  The constant is read off the graph on the example inputs (and on a second,
+  random input, to be sure it does not vary), and added to the bias of each
+  layer that reads it. That is exact for linear layers and unpadded
+  convolutions, or when the constant is zero; a zero-padded convolution sees
+  the constant only inside the image, so such a channel is kept.
+
+Channels of pinned groups (reaching the model output, or an operation the
+analysis does not follow) and one channel of every group are always kept.
+What is removed is sliced out of every tensor indexed by it: weight rows and
+biases, batch-norm parameters and running statistics, the columns of the
+layers that read it, and the ``groups`` of depthwise convolutions. The
+result is checked against the masked model on the example inputs; it is
+exact in eval mode (batch norm uses its running statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..sparsify import INFO_ATTR, _run, unwrap
+from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions
+from .insert_masks import is_mask_node
+from .ops import WEIGHT_OPS, weight_operand
+
+# Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
+# (a graph from torch.export); both take (input, weight, bias, stride, padding, dilation, groups).
+_LAYER_CALLS = set(WEIGHT_OPS) | {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                                  torch.ops.aten.conv3d.default, torch.ops.aten.linear.default}
+
+REPORT_ATTR = "_granet_fx_compaction"
+
+
+@dataclass
+class CompactionReport:
+    """What ``compact`` removed, what it had to keep, and how close the result is."""
+
+    channels: int                      # channels in all groups before
+    removed: int                       # channels removed
+    kept: dict[str, int] = field(default_factory=dict)  # reason -> channels that compute nothing but stay
+    macs_before: int = 0               # conv/linear multiply-accumulates on the example inputs
+    macs_after: int = 0
+    max_abs_error: float = 0.0         # largest output difference from the masked model, example inputs
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs of the compacted model over those of the model before (1.0 = nothing removed)."""
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"compaction: removed {self.removed} of {self.channels} channels; conv/linear FLOPs "
+            f"{self.flops_ratio:.4f} x before ({self.macs_before:,} -> {self.macs_after:,} MACs)",
+        ]
+        for reason, n in self.kept.items():
+            lines.append(f"  kept {n} channel{'s' if n != 1 else ''} that compute nothing: {reason}")
+        lines.append(f"max abs error vs the masked model on the example inputs: {self.max_abs_error:.3g}")
+        return "\n".join(lines)
+
+
+def compaction_report(model: nn.Module) -> CompactionReport:
+    """The report of a model returned by ``compact``."""
+    report = getattr(unwrap(model), REPORT_ATTR, None)
+    if report is None:
+        raise ValueError(f"{type(model).__name__} was not made by granet_fx.compact")
+    return report
+
+
+def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """A smaller copy of ``model`` without the channels that compute nothing.
+
+    ``model`` is any module: one from ``sparsify``, an ordinary one, or the
+    ``module()`` of a ``torch.export`` program. ``example_inputs`` (a tensor or
+    a tuple of positional inputs) is needed to capture the model with
+    ``torch.export`` and to check the result. The copy has no masks (they are
+    folded into the weights), is in eval mode, and carries a
+    ``CompactionReport`` (``compaction_report(copy)``; ``print`` it).
+    """
+    model = unwrap(model)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    new = copy.deepcopy(model)
+    for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
+        vars(new).pop(name, None)
+    reference = _run(new, inputs)
+    _fold_masks(new, getattr(model, INFO_ATTR, None))
+    new.eval()
+    gm = export_graph(new, inputs)
+    groups = find_groups(gm)
+    tensors = dict(new.named_parameters(remove_duplicate=False))
+    tensors.update(new.named_buffers(remove_duplicate=False))
+    positions = layer_positions(gm)
+    macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
+    values = _probe(gm, inputs, {c.node for g in groups for c in g.columns})
+
+    kept: Counter[str] = Counter()
+    removals, folds = [], []
+    for group in groups:
+        removed, group_folds = _plan(group, tensors, values, new, kept)
+        if len(removed):
+            removals.append((group, removed))
+            folds += group_folds
+    added: dict[str, str] = {}  # weight -> bias created to take a folded constant
+    with torch.no_grad():
+        for column, channel, constants in folds:
+            _fold_constant(new, tensors, column, channel, constants, added)
+        _slice(new, removals, added)
+    _fix_sizes(new, removals)
+
+    try:
+        outputs = _run(new, inputs)
+    except Exception as e:
+        raise RuntimeError(f"granet_fx: the compacted model does not run ({e}); does the model's code "
+                           "hard-code a channel count?") from e
+    error = _max_abs_error(reference, outputs)
+    scale = max([1.0] + [float(t.abs().max()) for t in pytree.tree_leaves(reference)
+                         if isinstance(t, torch.Tensor) and t.numel()])
+    if error > 1e-3 * scale:
+        raise RuntimeError(f"granet_fx: compaction changed the outputs by {error:.3g}; please report this model")
+    report = CompactionReport(
+        channels=sum(g.size for g in groups), removed=sum(len(r) for _, r in removals), kept=dict(kept),
+        macs_before=macs_before, macs_after=sum(n * new.get_parameter(w).numel() for w, n in positions.items()),
+        max_abs_error=error,
+    )
+    setattr(new, REPORT_ATTR, report)
+    return new
+
+
+# Deciding ---------------------------------------------------------------------
+
+
+def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[torch.Tensor, list]:
+    """The channels of ``group`` to remove, and the constants to fold: [(column, channel, constants)]."""
+    zero_rows = torch.ones(group.size, dtype=torch.bool)
+    for r in group.rows:
+        rows = tensors[r.weight].detach().narrow(0, r.offset, group.size)
+        zero_rows &= (rows == 0).flatten(1).all(1).cpu()
+    # No layer reads the channels: they are unread, unless pinned (read by the output or by unknown ops).
+    unread = torch.full((group.size,), not group.pinned or bool(group.columns))
+    for c in group.columns:
+        w = tensors[c.weight].detach()
+        cols = w.index_select(1, c.indices(torch.arange(group.size)).to(w.device))
+        unread &= (cols.movedim(1, 0).reshape(group.size, -1) == 0).all(1).cpu()
+    dead = zero_rows | unread
+    if group.pinned:
+        if dead.any():
+            kept[f"they are pinned: {group.pinned[0]}"] += int(dead.sum())
+        return torch.zeros(0, dtype=torch.long), []
+
+    remove = unread.clone()
+    folds = []
+    for i in (zero_rows & ~unread).nonzero().squeeze(1).tolist():
+        plan, reason = [], ""
+        for c in group.columns:
+            constants = _constants(values.get(c.node), c, i)
+            if constants is None:
+                reason = "their value varies with the input (zero rows but not a constant)"
+            elif c.padded and bool((constants != 0).any()):
+                reason = "they carry a non-zero constant into a zero-padded convolution"
+            elif bool((constants != 0).any()) and not _can_take_bias(model, c):
+                reason = "they carry a constant into a layer without a bias to absorb it"
+            else:
+                plan.append((c, i, constants))
+                continue
+            break
+        if reason:
+            kept[reason] += 1
+        else:
+            remove[i] = True
+            folds += [f for f in plan if bool((f[2] != 0).any())]
+    if remove.all():
+        first = int(remove.nonzero()[0])
+        remove[first] = False
+        folds = [f for f in folds if f[1] != first]
+        kept["a layer keeps at least one channel"] += 1
+    return remove.nonzero().squeeze(1), folds
+
+
+def _constants(value: tuple[torch.Tensor, torch.Tensor] | None, column: Member, channel: int) -> torch.Tensor | None:
+    """The constant inputs that ``column`` reads for ``channel`` (one per position), or None if they vary."""
+    if value is None:
+        return None
+    out = []
+    for position in column.indices(torch.tensor([channel])).tolist():
+        a, b = (v.narrow(column.node_dim, position, 1) for v in value)
+        first = a.flatten()[0]
+        if not (bool((a == first).all()) and bool((b == first).all())):
+            return None
+        out.append(first)
+    return torch.stack(out)
+
+
+def _probe(gm: fx.GraphModule, inputs: tuple, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Values of the named nodes on the example inputs and on a random input of the same shapes."""
+    generator = torch.Generator().manual_seed(0)
+    other = tuple(torch.randn(x.shape, generator=generator, dtype=x.dtype) if isinstance(x, torch.Tensor)
+                  and x.is_floating_point() else x for x in inputs)
+    runs = []
+    for args in (inputs, other):
+        seen: dict[str, torch.Tensor] = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, node):
+                result = super().run_node(node)
+                if node.name in names:
+                    seen[node.name] = result.detach()
+                return result
+
+        with torch.no_grad():
+            Recorder(gm).run(*args)
+        runs.append(seen)
+    return {name: (runs[0][name], runs[1][name]) for name in runs[0]}
+
+
+# Rewriting ------------------------------------------------------------------------
+
+
+def _fold_masks(model: nn.Module, info) -> None:
+    """Multiply every weight by its mask, and drop the mask nodes and buffers."""
+    for gm in model.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        nodes = [n for n in gm.graph.nodes if is_mask_node(n)]
+        for node in nodes:
+            weight, mask = node.args
+            node.replace_all_uses_with(weight)
+            gm.graph.erase_node(node)
+            if not mask.users:
+                gm.graph.erase_node(mask)
+        if nodes:
+            gm.graph.lint()
+            gm.recompile()
+    if info is None:
+        return
+    with torch.no_grad():
+        for layer in info.masked:
+            owner, _, leaf = layer.mask_name.rpartition(".")
+            module = model.get_submodule(owner)
+            model.get_parameter(layer.name).mul_(module._buffers.pop(leaf))
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return model.get_submodule(owner), leaf
+
+
+def _calls(model: nn.Module, weight: str):
+    """(graph module, call node, weight node) for the conv/linear calls, in every GraphModule of ``model``,
+    whose weight is the parameter ``weight``."""
+    for prefix, gm in model.named_modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYER_CALLS:
+                continue
+            w = weight_operand(node)
+            if w is not None and w.op == "get_attr" and (f"{prefix}.{w.target}" if prefix else w.target) == weight:
+                yield gm, node, w
+
+
+def _can_take_bias(model: nn.Module, column: Member) -> bool:
+    """Whether the layer of ``column`` has a bias, or one can be added that its calls will use."""
+    if column.bias is not None:
+        return True
+    module, leaf = _owner(model, column.weight)
+    if leaf != "weight" or getattr(module, "bias", None) is not None:
+        return False
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or any(True for _ in _calls(model, column.weight))
+
+
+def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, constants: torch.Tensor,
+                   added: dict[str, str]) -> None:
+    """Add what ``column``'s layer computes from constant inputs at ``channel`` to its bias
+    (creating the bias if the layer has none; ``added`` records it)."""
+    w = tensors[column.weight]
+    cols = w.index_select(1, column.indices(torch.tensor([channel])).to(w.device))   # (out, repeat, *kernel)
+    contribution = (cols.reshape(*cols.shape[:2], -1).sum(2) * constants.to(w)).sum(1)
+    bias = column.bias or added.get(column.weight)
+    if bias is None:
+        module, _ = _owner(model, column.weight)
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        name = column.weight.rpartition(".")[0] + ".bias"
+        for gm, node, weight in _calls(model, column.weight):
+            owner = weight.target.rpartition(".")[0]
+            with gm.graph.inserting_before(node):
+                bias = gm.graph.get_attr(f"{owner}.bias" if owner else "bias")
+            if len(node.args) > 2:
+                node.update_arg(2, bias)
+            else:
+                node.update_kwarg("bias", bias)
+            gm.recompile()
+        tensors[name] = module.bias
+        added[column.weight] = bias = name
+    tensors[bias].add_(contribution)
+
+
+def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], added: dict[str, str]) -> None:
+    """Cut the removed channels out of every tensor indexed by them (``added``: biases created since)."""
+    drop: dict[tuple[str, int], set[int]] = {}
+    for group, channels in removals:
+        for m in group.members:
+            names = [m.weight] if m.role == "column" else m.tensors() + [added.get(m.weight)] * (m.role == "row")
+            for name in filter(None, names):
+                drop.setdefault((name, m.dim), set()).update(m.indices(channels).tolist())
+    for (name, dim), gone in drop.items():
+        module, leaf = _owner(model, name)
+        old = getattr(module, leaf)
+        keep = torch.tensor([i for i in range(old.shape[dim]) if i not in gone], dtype=torch.long)
+        new = old.detach().index_select(dim, keep.to(old.device)).clone()
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            module._buffers[leaf] = new
+
+
+def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
+    """Set ``groups`` of depthwise convs to their new channel count, and the modules' size attributes."""
+    for group, _ in removals:
+        for r in group.rows:
+            if not r.depthwise:
+                continue
+            channels = model.get_parameter(r.weight).shape[0]
+            module, _ = _owner(model, r.weight)
+            if hasattr(module, "groups"):
+                module.groups = channels
+            for gm, node, _ in _calls(model, r.weight):
+                if len(node.args) > 6:
+                    node.update_arg(6, channels)
+                else:
+                    node.update_kwarg("groups", channels)
+                gm.recompile()
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
+
+
+def _max_abs_error(expected: Any, actual: Any) -> float:
+    pairs = zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual))
+    return max([0.0] + [float((e.float() - a.float()).abs().max()) for e, a in pairs
+                        if isinstance(e, torch.Tensor) and e.numel()])

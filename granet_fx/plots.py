@@ -1,0 +1,158 @@
+"""PNG plots of saved runs and sweeps (matplotlib), and the ``granet-report`` command.
+
+    granet-report run.json -o plots/        # schedule.png, layer_density.png
+    granet-report accuracy.json -o plots/   # and accuracy.png for a sweep
+
+Needs the ``plots`` extra: ``pip install 'granet-fx[plots]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import runs
+from .export.files import atomic_write
+
+
+def _figure(rows: int = 1, height: float = 4.0):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'granet-fx[plots]'") from e
+    fig = Figure(figsize=(7.5, height * rows), layout="constrained")
+    return fig, fig.subplots(rows, 1, squeeze=False)[:, 0]
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic_write(path, png.getvalue())
+    return Path(path)
+
+
+def plot_accuracy(sweep: dict, path: str | os.PathLike) -> Path:
+    """Test accuracy (mean ± std over seeds) against sparsity, one line per method; dense as a band."""
+    fig, (ax,) = _figure()
+    summary = sweep["summary"]
+    sparse = [s for s in summary if s["sparsity"] > 0]
+    levels = sorted({s["sparsity"] for s in sparse})
+    labels = list(dict.fromkeys(s["label"] for s in sparse))
+    for s in summary:
+        if s["sparsity"] == 0:
+            mean, std = 100 * s["accuracy_mean"], 100 * (s["accuracy_std"] or 0.0)
+            ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"{s['label']} ({mean:.1f}%)")
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+    for i, label in enumerate(labels):
+        rows = {s["sparsity"]: s for s in sparse if s["label"] == label}
+        xs = [levels.index(x) + 0.04 * (i - (len(labels) - 1) / 2) for x in levels if x in rows]
+        ys = [100 * rows[x]["accuracy_mean"] for x in levels if x in rows]
+        es = [100 * (rows[x]["accuracy_std"] or 0.0) for x in levels if x in rows]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+    ax.set_xticks(range(len(levels)), [f"{100 * x:g}%" for x in levels])
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("test accuracy (%)")
+    seeds = "/".join(str(n) for n in sorted({s["seeds"] for s in summary}))
+    ax.set_title(f"{sweep.get('title', 'Test accuracy')} (mean ± std over {seeds} seed(s))")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_schedule(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Sparsity (target and actual) and regrowth fraction (scheduled and measured) over training."""
+    fig, (top, bottom) = _figure(2, 3.2)
+    for i, run in enumerate(records):
+        color = f"C{i}"
+        h, u = run["history"], run["updates"]
+        top.plot(h["step"], h["target_sparsity"], color=color, linestyle="--", linewidth=1)
+        top.step(h["step"], h["global_sparsity"], where="post", color=color, label=run["label"])
+        bottom.plot(h["step"], h["regrow_fraction"], color=color, linestyle="--", linewidth=1)
+        bottom.plot(u["step"], u["regrown_fraction"], color=color, marker=".", linestyle="none", label=run["label"])
+    top.set_ylabel("global sparsity")
+    top.set_title("Sparsity: actual (solid), cubic schedule's target (dashed)")
+    bottom.set_ylabel("fraction of active weights")
+    bottom.set_title("Regrowth: scheduled fraction (dashed), measured at each mask update (dots)")
+    bottom.set_xlabel("training step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_density(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Final density of each layer per run, next to ERK's density at the same final sparsity."""
+    fig, (ax,) = _figure()
+    names = list(dict.fromkeys(layer["name"] for run in records for layer in run["layers"]))
+    bars: list[tuple[str, dict]] = []
+    erk_seen = set()
+    for run in records:
+        sparsity = run["config"]["final_sparsity"] if "config" in run else None
+        if sparsity not in erk_seen:
+            erk_seen.add(sparsity)
+            at = "" if sparsity is None else f" at {100 * sparsity:g}%"
+            bars.append((f"ERK{at}", {l["name"]: l["erk_density"] for l in run["layers"]}))
+        bars.append((run["label"], {l["name"]: l["density"] for l in run["layers"]}))
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, density) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j, n in enumerate(names) if n in density]
+        ax.bar(xs, [density[n] for n in names if n in density], width, label=label,
+               color="0.6" if label.startswith("ERK") else None, hatch="//" if label.startswith("ERK") else None)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_yscale("log")
+    ax.set_ylabel("density (kept fraction, log scale)")
+    ax.set_title("Per-layer density at the end of training")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Write the PNGs of a run or sweep (a file written by ``granet_fx.runs.save_json`` or its dict).
+
+    A run gives ``schedule.png`` and ``layer_density.png``; a sweep also gives
+    ``accuracy.png``, and the schedule and density plots of the runs it holds.
+    Returns the paths written.
+    """
+    if isinstance(source, dict):
+        runs.check(source)
+        data = source
+    else:
+        data = runs.load(source)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    records = [data] if data["format"] == runs.RUN_FORMAT else data["runs"]
+    if data["format"] == runs.SWEEP_FORMAT and data["summary"]:
+        written.append(plot_accuracy(data, out / "accuracy.png"))
+    if records:
+        written.append(plot_schedule(records, out / "schedule.png"))
+        if any(run["layers"] for run in records):
+            written.append(plot_layer_density(records, out / "layer_density.png"))
+    return written
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit code 2
+        raise ValueError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``granet-report RUN.json -o DIR``: write the PNGs of a saved run or sweep; 2 on bad input."""
+    parser = _Parser(prog="granet-report", description="Write PNG plots of a saved granet_fx run or sweep (JSON).")
+    parser.add_argument("file", help="a run or sweep file (JSON)")
+    parser.add_argument("-o", "--out", default=".", help="folder for the PNGs (default: current folder)")
+    try:
+        args = parser.parse_args(argv)
+        for path in plot_report(args.file, args.out):
+            print(path)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"granet-report: error: {e}", file=sys.stderr)
+        return 2
+    return 0

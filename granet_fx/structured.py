@@ -1,0 +1,209 @@
+"""Masks decided per channel or per N:M group, for ``sparsify`` and the ``GraNet`` controller.
+
+The masks stay full-shape bool buffers, one per weight, so the mask nodes,
+``torch.compile`` and export work as for unstructured sparsity; only the
+choice of which entries are True changes.
+
+- ``granularity="channel"``: a channel is one index of a ``ChannelGroup``
+  (output channels that must go together: a conv, its batch norm, the
+  residual adds and depthwise convs that share them). It is pruned where it
+  is read: the columns of every layer that reads it are masked, so nothing
+  uses it and ``compact`` removes it with everything that makes it. Pruning
+  and dropping rank channels by the L2 norm of their weight rows; regrowth
+  ranks pruned channels by the L2 norm of the dense gradient of those masked
+  columns. (Masking the rows instead would leave no gradient to rank: a
+  channel of zeros sits where ReLU's derivative is zero.) Regrown columns
+  start at zero; the rows kept their values. ``final_sparsity`` is the
+  fraction of output channels (rows) pruned among the layers whose channels
+  can be removed; pinned groups keep all their channels. With
+  ``channel_multiple=k`` every group keeps a multiple of k channels (the
+  nearest to what the ranking chose), which suits the SIMD blocks of CPU
+  convolution kernels.
+- ``granularity="n:m"``: in every group of M consecutive input weights (along
+  dimension 1, for each output channel and kernel position) N are kept at the
+  end. The cubic schedule is followed group by group: at sparsity s each group
+  keeps round(M (1 - s)) weights, never fewer than N. Regrowth drops the
+  layer's smallest weights and refills the same groups with the largest
+  gradients, so the pattern holds at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .criteria import (
+    channel_norms, drop_smallest, grow_largest, nm_keep_largest, nm_refill, prune_channels, round_kept,
+)
+from .passes.channel_groups import ChannelGroup, channel_groups
+
+
+def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator: torch.Generator) -> None:
+    """For ``sparsify``: find channel groups if needed, then write the initial structured masks."""
+    config = info.config
+    if config.granularity == "channel":
+        if example_inputs is None:
+            raise ValueError(
+                "granularity='channel' needs example_inputs: the channels that must be pruned together "
+                "are found by capturing the model on them"
+            )
+        info.channel_groups = channel_groups(model, example_inputs)
+    masks = structured_masks(model, info)
+    if masks is not None:
+        masks.initialize(config.start_sparsity, generator)
+
+
+def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
+    """The mask logic of ``info.config.granularity``; None for unstructured sparsity."""
+    if info.config.granularity == "channel":
+        return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked], info.config.channel_multiple)
+    if info.config.nm is not None:
+        return NMMasks(model, info.masked, *info.config.nm)
+    return None
+
+
+class ChannelMasks:
+    """Whole-channel masks over the groups whose channels may be removed."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1):
+        self.multiple = multiple
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        self.masked = set(masked)
+        self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
+                       and all(c.weight in self.masked and c.mask for c in g.columns)]
+        self.costs = [len(g.rows) for g in self.groups]
+        self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
+        self.tensors = tensors
+        self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
+
+    def _rows(self, i: int) -> list[torch.Tensor]:
+        g = self.groups[i]
+        return [self.tensors[r.weight].detach().narrow(0, r.offset, g.size) for r in g.rows]
+
+    def _columns(self, i: int, what: str) -> list[torch.Tensor | None]:
+        """The group's columns of every reader (masks, or weight gradients), channels first."""
+        g, out = self.groups[i], []
+        for c, idx in zip(g.columns, self.positions[i]):
+            t = self.tensors[c.mask] if what == "mask" else self.tensors[c.weight].grad
+            out.append(None if t is None else t.index_select(1, idx.to(t.device)).movedim(1, 0).reshape(g.size, -1))
+        return out
+
+    def keeps(self) -> list[torch.Tensor]:
+        """Per group, which channels are kept (read from the masks, the state that is saved)."""
+        return [self._columns(i, "mask")[0].all(1) for i in range(len(self.groups))]
+
+    @torch.no_grad()
+    def set(self, keeps: list[torch.Tensor]) -> None:
+        for g, positions, keep in zip(self.groups, self.positions, keeps):
+            for c, idx in zip(g.columns, positions):
+                mask = self.tensors[c.mask]
+                value = keep.repeat_interleave(c.repeat).to(mask.device)
+                mask[:, idx.to(mask.device)] = value.view(1, -1, *[1] * (mask.dim() - 2)).expand(
+                    mask.shape[0], -1, *mask.shape[2:])
+
+    @torch.no_grad()
+    def initialize(self, sparsity: float, generator: torch.Generator) -> None:
+        if sparsity > 0:
+            keeps = []
+            for g in self.groups:
+                score = torch.rand(g.size, generator=generator)
+                keep = grow_largest(score, torch.zeros(g.size, dtype=torch.bool), max(1, round((1 - sparsity) * g.size)))
+                keeps.append(round_kept(score, keep, self.multiple))
+            self.set(keeps)
+        for g in self.groups:
+            for c in g.columns:
+                self.tensors[c.weight].mul_(self.tensors[c.mask])
+
+    @torch.no_grad()
+    def prune(self, sparsity: float, scope: str) -> None:
+        keeps = self.keeps()
+        scores = [channel_norms(self._rows(i)) for i in range(len(self.groups))]
+        if scope == "global":
+            new = prune_channels(scores, keeps, self.costs, round((1 - sparsity) * self.total))
+        else:
+            new = [drop_smallest(s, k, int(k.sum()) - max(1, round((1 - sparsity) * g.size)))
+                   for g, s, k in zip(self.groups, scores, keeps)]
+        self.set([round_kept(s, k, self.multiple) for s, k in zip(scores, new)])
+
+    @torch.no_grad()
+    def regrow(self, fraction: float, generator: torch.Generator | None = None) -> None:
+        """Drop ``fraction`` of each group's channels by weight norm; regrow as many by the gradient norm
+        of their masked columns (at random with a generator, for SET)."""
+        new = []
+        for i, (g, keep) in enumerate(zip(self.groups, self.keeps())):
+            grads = self._columns(i, "grad")
+            if any(x is None for x in grads):
+                new.append(keep)
+                continue
+            n = math.ceil(fraction * int(keep.sum()))
+            kept = drop_smallest(channel_norms(self._rows(i)), keep, n)
+            score = torch.rand(g.size, generator=generator) if generator is not None else channel_norms(grads)
+            new.append(grow_largest(score.to(keep.device), kept, n))
+        self.set(new)
+
+    def active(self) -> dict[str, int]:
+        """Weights that still compute something, per masked weight: its mask, less the rows of the
+        channels that nothing reads."""
+        effective = {}
+        for g, keep in zip(self.groups, self.keeps()):
+            pruned = (~keep).nonzero().squeeze(1)
+            for r in g.rows:
+                if r.weight in self.masked and r.mask and len(pruned):
+                    if r.weight not in effective:
+                        effective[r.weight] = self.tensors[r.mask].clone()
+                    effective[r.weight][r.offset + pruned.to(effective[r.weight].device)] = False
+        return {name: int(m.sum()) for name, m in effective.items()}
+
+
+class NMMasks:
+    """N of every M consecutive input weights kept, in every masked layer."""
+
+    def __init__(self, model: nn.Module, layers, n: int, m: int):
+        self.n, self.m = n, m
+        self.weights = [model.get_parameter(l.name) for l in layers]
+        self.masks = [model.get_buffer(l.mask_name) for l in layers]
+        for layer, w in zip(layers, self.weights):
+            if w.dim() < 2 or w.shape[1] % m:
+                size = w.shape[1] if w.dim() >= 2 else 1
+                raise ValueError(
+                    f"granularity='{n}:{m}' groups {m} consecutive input weights, but {layer.name} has "
+                    f"{size} inputs, not a multiple of {m}; keep it dense with exclude="
+                    f"({layer.name.rpartition('.')[0]!r},)"
+                )
+
+    def per_group(self, sparsity: float) -> int:
+        return min(self.m, max(self.n, round(self.m * (1 - sparsity))))
+
+    @torch.no_grad()
+    def initialize(self, sparsity: float, generator: torch.Generator) -> None:
+        k = self.per_group(sparsity)
+        for w, mask in zip(self.weights, self.masks):
+            if k < self.m:
+                score = torch.rand(mask.shape, generator=generator).to(mask.device)
+                mask.copy_(nm_keep_largest(score, torch.ones_like(mask), k, self.m))
+            w.mul_(mask)
+
+    @torch.no_grad()
+    def prune(self, sparsity: float, scope: str = "") -> None:
+        k = self.per_group(sparsity)
+        for w, mask in zip(self.weights, self.masks):
+            mask.copy_(nm_keep_largest(w.abs(), mask, k, self.m))
+
+    @torch.no_grad()
+    def regrow(self, fraction: float, generator: torch.Generator | None = None) -> None:
+        for w, mask in zip(self.weights, self.masks):
+            if w.grad is None:
+                continue
+            active = int(mask.sum())
+            k = active // (mask.numel() // self.m)
+            kept = drop_smallest(w.abs(), mask, math.ceil(fraction * active))
+            score = torch.rand(mask.shape, generator=generator).to(mask.device) if generator is not None \
+                else w.grad.abs()
+            mask.copy_(nm_refill(score, kept, k, self.m))
+
+    def active(self) -> dict[str, int]:
+        return {}
