@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -139,6 +140,8 @@ def sparsify(model: nn.Module, config: GraNetConfig, *, example_inputs: Any = No
     if config.granularity != "unstructured":
         init_structured_masks(new, info, example_inputs, generator)
     setattr(new, INFO_ATTR, info)
+    if isinstance(new, fx.GraphModule):  # GraphModule's deepcopy keeps only what is listed here
+        new.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[INFO_ATTR] = info
     return new
 
 

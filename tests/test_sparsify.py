@@ -220,3 +220,18 @@ def test_controller_needs_a_sparsified_model():
     model = MLP()
     with pytest.raises(ValueError, match="sparsify"):
         gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_deepcopy_and_whole_model_pickle_keep_a_working_sparse_model(tmp_path):
+    model = gf.sparsify(SmallCNN(), cfg(initial_sparsity=0.5, final_sparsity=0.8))
+    copied = copy.deepcopy(model)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(3, 1, 12)
+    model.eval()
+    for other in (copied, loaded):
+        other.eval()
+        assert torch.equal(other(x), model(x))
+        assert [l.name for l in gf.sparse_info(other).masked] == ["conv1.weight", "conv2.weight", "fc.weight"]
+        gf.GraNet(other, torch.optim.SGD(other.parameters(), lr=0.1))  # the controller accepts the copy

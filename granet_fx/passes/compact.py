@@ -34,9 +34,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
 from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions
-from .insert_masks import is_mask_node
 from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
@@ -94,11 +94,11 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     """
     model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    new = copy.deepcopy(model)
+    # fold() computes exactly what the masked model computes, so it is the reference.
+    new = fold(model) if getattr(model, INFO_ATTR, None) is not None else copy.deepcopy(model)
     for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
         vars(new).pop(name, None)
     reference = _run(new, inputs)
-    _fold_masks(new, getattr(model, INFO_ATTR, None))
     new.eval()
     gm = export_graph(new, inputs)
     groups = find_groups(gm)
@@ -228,30 +228,6 @@ def _probe(gm: fx.GraphModule, inputs: tuple, names: set[str]) -> dict[str, tupl
 
 
 # Rewriting ------------------------------------------------------------------------
-
-
-def _fold_masks(model: nn.Module, info) -> None:
-    """Multiply every weight by its mask, and drop the mask nodes and buffers."""
-    for gm in model.modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        nodes = [n for n in gm.graph.nodes if is_mask_node(n)]
-        for node in nodes:
-            weight, mask = node.args
-            node.replace_all_uses_with(weight)
-            gm.graph.erase_node(node)
-            if not mask.users:
-                gm.graph.erase_node(mask)
-        if nodes:
-            gm.graph.lint()
-            gm.recompile()
-    if info is None:
-        return
-    with torch.no_grad():
-        for layer in info.masked:
-            owner, _, leaf = layer.mask_name.rpartition(".")
-            module = model.get_submodule(owner)
-            model.get_parameter(layer.name).mul_(module._buffers.pop(leaf))
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

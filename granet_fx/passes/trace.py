@@ -37,7 +37,7 @@ class Piece:
 class _Tracer(fx.Tracer):
     """Traces through conv/linear modules; remembers the innermost module that failed."""
 
-    def __init__(self, opaque: set[str]):
+    def __init__(self, opaque: set[str] = frozenset()):
         super().__init__()
         self.opaque = opaque
         self.failed_in: str | None = None
@@ -100,11 +100,23 @@ def _trace_graph(module: nn.Module) -> tuple[fx.Graph, set[str]] | None:
         else:
             culprit = _first_difference(*graphs)
             if culprit == "":
+                _drop_string_annotations(graphs[0])
                 return graphs[0], opaque
         if culprit is None or culprit in opaque:
             return None
         opaque.add(culprit)
     return None
+
+
+def _drop_string_annotations(graph: fx.Graph) -> None:
+    """Forget type annotations that are strings (``from __future__ import annotations``).
+
+    fx would write them into the generated code's globals as strings, which
+    makes the GraphModule impossible to pickle with ``torch.save``.
+    """
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
 
 
 def _first_difference(a: fx.Graph, b: fx.Graph) -> str | None:
