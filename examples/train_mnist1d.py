@@ -1,8 +1,11 @@
 """End to end on MNIST-1D: train a small 1D CNN with GraNet under torch.compile, then export it.
 
 After training, the model is saved with granet_fx.save (OUT/mnist1d.pt2) and
-exported to ONNX with sparse weights by granet-export (OUT/mnist1d.onnx),
-which checks it in onnxruntime and prints the size summary.
+exported to ONNX by granet-export twice: with sparse weights
+(OUT/mnist1d.onnx) and compacted, without the channels that compute nothing
+(OUT/mnist1d-compact.onnx). Each is checked in onnxruntime against the
+model's outputs. granet-bench then times both against the dense network
+(OUT/dense.onnx, the same architecture without masks) in onnxruntime.
 
     python examples/train_mnist1d.py                 # GraNet, 90% sparsity, 4000 steps
     python examples/train_mnist1d.py --method rigl --sparsity 0.95
@@ -20,7 +23,7 @@ import torch
 
 import granet_fx as gf
 from granet_fx.config import METHODS
-from granet_fx.export import cli
+from granet_fx.export import bench, cli
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
 from granet_fx.runs import save_json
@@ -68,10 +71,25 @@ def main() -> None:
         print(f"run saved to {args.save_run}; plot it with: granet-report {args.save_run} -o DIR")
 
     os.makedirs(args.out, exist_ok=True)
-    saved, onnx_file = os.path.join(args.out, "mnist1d.pt2"), os.path.join(args.out, "mnist1d.onnx")
-    gf.save(result.model, saved, example_inputs=(data.x_test[:1],))
-    print(f"\nsaved {saved}; exporting it to ONNX:\n", flush=True)
-    code = cli.main([saved, "-o", onnx_file])
+    out = {name: os.path.join(args.out, name) for name in
+           ("mnist1d.pt2", "mnist1d.onnx", "mnist1d-compact.onnx", "dense.pt2", "dense.onnx")}
+    example = (data.x_test[:1],)
+    gf.save(result.model, out["mnist1d.pt2"], example_inputs=example)
+    # The dense baseline: the same network without masks. Its weights do not change its speed.
+    dense = gf.sparsify(Mnist1dCNN(args.channels), gf.GraNetConfig(method="dense"), example_inputs=example)
+    gf.save(dense, out["dense.pt2"], example_inputs=example)
+    for title, argv in [
+        ("exporting the sparse model to ONNX", [out["mnist1d.pt2"], "-o", out["mnist1d.onnx"]]),
+        ("exporting it compacted", [out["mnist1d.pt2"], "-o", out["mnist1d-compact.onnx"], "--compact"]),
+        ("exporting the dense baseline", [out["dense.pt2"], "-o", out["dense.onnx"]]),
+    ]:
+        print(f"\n== {title}\n", flush=True)
+        code = cli.main(argv + ["--dynamic-batch"])
+        if code:
+            sys.exit(code)
+    print("\n== onnxruntime latency: sparse and compacted against dense\n", flush=True)
+    code = bench.main([out["mnist1d.onnx"], out["mnist1d-compact.onnx"], "--baseline", out["dense.onnx"],
+                       "--batch", "1,256"])
     if code:
         sys.exit(code)
 

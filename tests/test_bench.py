@@ -58,13 +58,31 @@ def test_side_by_side_run_table_and_json(tmp_path, capsys):
     assert "[" in captured.err and "runs" in captured.err         # the progress bar
     result = json.loads(out.read_text())
     assert [r["batch"] for r in result["results"]] == [1, 3]
+    assert [m["role"] for m in result["models"]] == ["model", "baseline"]
     assert result["models"][0]["file_bytes"] == os.path.getsize(small)
-    assert result["flops_ratio"] == pytest.approx(hand_macs(8) / hand_macs(2))
-    assert result["size_ratio"] == pytest.approx(os.path.getsize(big) / os.path.getsize(small))
+    assert result["models"][0]["flops_ratio"] == pytest.approx(hand_macs(8) / hand_macs(2))
+    assert result["models"][0]["size_ratio"] == pytest.approx(os.path.getsize(big) / os.path.getsize(small))
     for r in result["results"]:
-        assert r["speedup"] == pytest.approx(r["baseline"]["median_ms"] / r["model"]["median_ms"])
-        assert r["model"]["p90_ms"] >= r["model"]["median_ms"] > 0
-        assert r["model"]["items_per_s"] == pytest.approx(1000 * r["batch"] / r["model"]["median_ms"])
+        model, base = r["latency"]
+        assert r["speedup"][0] == pytest.approx(base["median_ms"] / model["median_ms"])
+        assert r["speedup"][1] == pytest.approx(1.0)
+        assert model["p90_ms"] >= model["median_ms"] > 0
+        assert model["items_per_s"] == pytest.approx(1000 * r["batch"] / model["median_ms"])
+
+
+def test_several_models_against_one_baseline(tmp_path, capsys):
+    paths = [tiny_model(tmp_path / f"m{c}.onnx", channels=c) for c in (2, 4, 8)]
+    out = tmp_path / "result.json"
+    assert bench.main(paths[:2] + ["--baseline", paths[2], "--threads", "1", "--warmup", "0", "--runs", "3",
+                                   "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [m["role"] for m in result["models"]] == ["model", "model", "baseline"]
+    assert [m["flops_ratio"] for m in result["models"]] == pytest.approx(
+        [hand_macs(8) / hand_macs(c) for c in (2, 4, 8)])
+    (row,) = result["results"]
+    assert len(row["latency"]) == 3 and len(row["speedup"]) == 3
+    text = capsys.readouterr().out
+    assert all(os.path.basename(p) in text for p in paths)
 
 
 def one_line_error(capsys):

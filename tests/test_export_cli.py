@@ -237,3 +237,38 @@ def test_console_script_end_to_end(archive, tmp_path):
     assert "wrote" in result.stdout and (tmp_path / "out.onnx").exists()
     help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300).stdout
     assert "RUNS CODE FROM THE FILE" in help_text
+
+
+def test_compact_removes_channels_and_keeps_parity(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = gf.GraNetConfig(granularity="channel", final_sparsity=0.5, total_steps=4, prune_start=1, prune_end=1,
+                             update_every=1)
+    x = torch.randn(1, 1, 12)
+    model = gf.sparsify(SmallCNN(), config, example_inputs=(x,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    granet = gf.GraNet(model, opt)
+    model(torch.randn(4, 1, 12)).sum().backward()
+    opt.step()
+    granet.step()  # one-shot channel pruning to 50%
+    model.eval()
+    saved = tmp_path / "m.pt2"
+    gf.save(model, saved, example_inputs=(x,))
+    plain, small = tmp_path / "plain.onnx", tmp_path / "small.onnx"
+    assert run(capsys, saved, "-o", plain)[0] == 0
+    code, out, _ = run(capsys, saved, "-o", small, "--compact")
+    assert code == 0 and "compaction: removed" in out and "max abs error" in out
+    # fewer conv output channels in the compacted file, same outputs in onnxruntime
+    def conv_rows(path):
+        m = onnx.load(str(path))
+        return sorted(numpy_helper_dims(m, n.input[1]) for n in m.graph.node if n.op_type == "Conv")
+    assert sum(conv_rows(small)) < sum(conv_rows(plain))
+    y = run_onnxruntime(small.read_bytes(), [x])[0]
+    assert np.allclose(y, model(x).detach().numpy(), atol=1e-5)
+
+
+def numpy_helper_dims(model, name):
+    """The first dimension (output channels) of a weight, dense or stored sparse."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return t.dims[0]
+    return sparse_tensors(model)[name].dims[0]

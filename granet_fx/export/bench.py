@@ -1,12 +1,13 @@
 """granet-bench: onnxruntime latency of an ONNX model, side by side with a baseline.
 
     granet-bench model.onnx --baseline dense.onnx --batch 1,32 --threads 2
+    granet-bench sparse.onnx compact.onnx --baseline dense.onnx
 
-For each batch size both models run alternately (ABAB..., then BABA...), so
-that drift of the machine hits both; medians and 90th percentiles come from
+For each batch size the models run alternately (ABC..., then ...CBA), so that
+drift of the machine hits all of them; medians and 90th percentiles come from
 the same rounds. Reported per model: file size, FLOPs per sample (2 x the
 multiply-accumulates of Conv, MatMul and Gemm, with shapes from ONNX shape
-inference), latency and throughput, and the ratios baseline / model. Inputs
+inference), latency and throughput, and the speedup over the baseline. Inputs
 are random, with the first dimension of every input as the batch.
 """
 
@@ -166,9 +167,9 @@ def measure(paths: Sequence[str], batches: Sequence[int], threads: int, warmup: 
     """Latency of each model at each batch size, the models run alternately; one dict per batch size."""
     sessions = [_session(p, threads) for p in paths]
     total, done = len(batches) * (warmup + runs) * len(paths), 0
+    all_feeds = {batch: [_feeds(s, p, batch) for s, p in zip(sessions, paths)] for batch in batches}  # fail early
     results = []
-    for batch in batches:
-        feeds = [_feeds(s, p, batch) for s, p in zip(sessions, paths)]
+    for batch, feeds in all_feeds.items():
         seconds: list[list[float]] = [[] for _ in paths]
         for r in range(warmup + runs):
             order = range(len(paths)) if r % 2 == 0 else reversed(range(len(paths)))
@@ -198,36 +199,45 @@ def machine() -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
 
 
-def run(model: str, baseline: str | None, batches: Sequence[int], threads: int, warmup: int, runs: int,
-        progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Measure ``model`` (and ``baseline``) and return the results as a JSON-ready dict."""
+def run(models: Sequence[str], baseline: str | None, batches: Sequence[int], threads: int, warmup: int,
+        runs: int, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Measure ``models`` (and ``baseline``), all run alternately, and return a JSON-ready dict.
+
+    ``result["models"]`` lists the models, the baseline last; each result row
+    holds one latency entry per model in that order, and, with a baseline,
+    ``speedup[i]`` = baseline median / model i median.
+    """
     import onnxruntime as ort
 
-    models = [load(model)] + ([load(baseline)] if baseline else [])
-    timings = measure([m.path for m in models], batches, threads, warmup, runs, progress)
+    if isinstance(models, str):
+        models = [models]
+    loaded = [load(p) for p in models] + ([load(baseline)] if baseline else [])
+    timings = measure([m.path for m in loaded], batches, threads, warmup, runs, progress)
+    roles = ["model"] * len(models) + (["baseline"] if baseline else [])
+    entries = []
+    for role, m in zip(roles, loaded):
+        entry = {"role": role, "path": m.path, "file_bytes": m.file_bytes, "flops_per_sample": m.flops}
+        if baseline:
+            base = loaded[-1]
+            entry["size_ratio"] = base.file_bytes / m.file_bytes
+            entry["flops_ratio"] = base.flops / m.flops if base.flops and m.flops else None
+        entries.append(entry)
     result = {
         "onnxruntime": ort.__version__, "threads": threads, "warmup": warmup, "runs": runs,
-        "machine": machine(),
-        "models": [{"role": role, "path": m.path, "file_bytes": m.file_bytes, "flops_per_sample": m.flops}
-                   for role, m in zip(("model", "baseline"), models)],
-        "results": [],
+        "machine": machine(), "models": entries, "results": [],
     }
     for t in timings:
-        row = {"batch": t["batch"], "model": t["models"][0]}
+        row = {"batch": t["batch"], "latency": t["models"]}
         if baseline:
-            row["baseline"] = t["models"][1]
-            row["speedup"] = row["baseline"]["median_ms"] / row["model"]["median_ms"]
-            row["speedup_p90"] = row["baseline"]["p90_ms"] / row["model"]["p90_ms"]
+            base = t["models"][-1]
+            row["speedup"] = [base["median_ms"] / s["median_ms"] for s in t["models"]]
+            row["speedup_p90"] = [base["p90_ms"] / s["p90_ms"] for s in t["models"]]
         result["results"].append(row)
-    if baseline:
-        a, b = models
-        result["size_ratio"] = b.file_bytes / a.file_bytes
-        result["flops_ratio"] = b.flops / a.flops if a.flops and b.flops else None
     return result
 
 
 def format_table(result: dict) -> str:
-    """The results as a text table, with the machine and thread count in the header."""
+    """The results as text tables, with the machine and thread count in the header."""
     m = result["machine"]
     lines = [
         f"{PROG}: onnxruntime {result['onnxruntime']}, {result['threads']} thread(s); "
@@ -235,32 +245,30 @@ def format_table(result: dict) -> str:
         f"warm-up {result['warmup']}, {result['runs']} timed runs per model and batch size, models run alternately",
         "",
     ]
-    rows = [("", "file", "size MB", "GFLOPs/sample")]
+    has_baseline = result["models"][-1]["role"] == "baseline"
+    rows = [("", "file", "size MB", "GFLOPs/sample") + (("size vs baseline", "FLOPs vs baseline")
+                                                        if has_baseline else ())]
     for entry in result["models"]:
         flops = entry["flops_per_sample"]
-        rows.append((entry["role"], os.path.basename(entry["path"]), f"{entry['file_bytes'] / 1e6:.2f}",
-                     "n/a" if flops is None else f"{flops / 1e9:.4f}"))
-    has_baseline = len(result["models"]) > 1
-    if has_baseline:
-        ratio = result["flops_ratio"]
-        rows.append(("baseline / model", "", f"{result['size_ratio']:.2f}x",
-                     "n/a" if ratio is None else f"{ratio:.2f}x"))
-    lines += columns(rows) + [""]
-    header = ["batch", "model ms", "p90", "items/s"]
-    if has_baseline:
-        header += ["baseline ms", "p90", "items/s", "speedup", "p90"]
-    rows = [tuple(header)]
-    for r in result["results"]:
-        row = [str(r["batch"]), f"{r['model']['median_ms']:.3f}", f"{r['model']['p90_ms']:.3f}",
-               f"{r['model']['items_per_s']:.1f}"]
+        row = (entry["role"], os.path.basename(entry["path"]), f"{entry['file_bytes'] / 1e6:.3f}",
+               "n/a" if flops is None else f"{flops / 1e9:.4f}")
         if has_baseline:
-            b = r["baseline"]
-            row += [f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", f"{b['items_per_s']:.1f}",
-                    f"{r['speedup']:.2f}x", f"{r['speedup_p90']:.2f}x"]
-        rows.append(tuple(row))
+            ratio = entry["flops_ratio"]
+            row += (f"{1 / entry['size_ratio']:.3f}x", "n/a" if ratio is None else f"{1 / ratio:.3f}x")
+        rows.append(row)
+    lines += columns(rows) + [""]
+    rows = [("batch", "file", "median ms", "p90 ms", "items/s") + (("speedup", "p90 speedup") if has_baseline else ())]
+    for r in result["results"]:
+        for i, (entry, stats) in enumerate(zip(result["models"], r["latency"])):
+            row = (str(r["batch"]), os.path.basename(entry["path"]), f"{stats['median_ms']:.3f}",
+                   f"{stats['p90_ms']:.3f}", f"{stats['items_per_s']:.1f}")
+            if has_baseline:
+                row += (f"{r['speedup'][i]:.2f}x", f"{r['speedup_p90'][i]:.2f}x")
+            rows.append(row)
     lines += columns(rows)
     if has_baseline:
-        lines += ["", "ms: median latency; speedup = baseline median / model median (p90: the same for p90)"]
+        lines += ["", "speedup = baseline median latency / model median latency (p90: the same for p90); "
+                  "size and FLOPs vs baseline = model / baseline"]
     return "\n".join(lines)
 
 
@@ -330,7 +338,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="the ONNX model to measure")
+    parser.add_argument("model", nargs="+", help="the ONNX model(s) to measure")
     parser.add_argument("--baseline", help="an ONNX model to compare with (for example the dense one)")
     parser.add_argument("--batch", type=_positive_list, default=[1], help="batch sizes, for example 1,8,32 (default 1)")
     parser.add_argument("--threads", type=_at_least(1), default=os.cpu_count() or 1,

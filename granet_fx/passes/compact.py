@@ -69,7 +69,7 @@ class CompactionReport:
             f"{self.flops_ratio:.4f} x before ({self.macs_before:,} -> {self.macs_after:,} MACs)",
         ]
         for reason, n in self.kept.items():
-            lines.append(f"  kept {n} channel{'s' if n != 1 else ''} that compute nothing: {reason}")
+            lines.append(f"  kept {n} channel{'s' if n != 1 else ''} computing nothing, because {reason}")
         lines.append(f"max abs error vs the masked model on the example inputs: {self.max_abs_error:.3g}")
         return "\n".join(lines)
 
@@ -159,7 +159,7 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     dead = zero_rows | unread
     if group.pinned:
         if dead.any():
-            kept[f"they are pinned: {group.pinned[0]}"] += int(dead.sum())
+            kept[f"the group is pinned: {group.pinned[0]}"] += int(dead.sum())
         return torch.zeros(0, dtype=torch.long), []
 
     remove = unread.clone()
@@ -169,11 +169,11 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
         for c in group.columns:
             constants = _constants(values.get(c.node), c, i)
             if constants is None:
-                reason = "their value varies with the input (zero rows but not a constant)"
+                reason = "the value varies with the input (zero rows but not a constant)"
             elif c.padded and bool((constants != 0).any()):
-                reason = "they carry a non-zero constant into a zero-padded convolution"
+                reason = "a non-zero constant feeds a zero-padded convolution"
             elif bool((constants != 0).any()) and not _can_take_bias(model, c):
-                reason = "they carry a constant into a layer without a bias to absorb it"
+                reason = "a constant feeds a layer without a bias to absorb it"
             else:
                 plan.append((c, i, constants))
                 continue
@@ -187,7 +187,7 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
         first = int(remove.nonzero()[0])
         remove[first] = False
         folds = [f for f in folds if f[1] != first]
-        kept["a layer keeps at least one channel"] += 1
+        kept["a group keeps at least one channel"] += 1
     return remove.nonzero().squeeze(1), folds
 
 
