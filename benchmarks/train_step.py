@@ -8,8 +8,8 @@ For a 25M-parameter model (ResNet-18 at width 96):
   * the same at update_every=100, as a share of training time    (target < 1%)
 
 A step is forward, backward, optimizer step and, for the sparse runs,
-granet.step(). Dense and masked steps alternate so that drift hits both;
-medians after warm-up.
+granet.step(). Dense, masked and eager steps take turns in a rotating order,
+so that drift hits all of them; medians after warm-up.
 
     python benchmarks/train_step.py            # writes results/train_step.{txt,json}
     python benchmarks/train_step.py --quick    # small models, a smoke test
@@ -108,10 +108,11 @@ def compare_steps(name, make_model, x, y, repeats, config):
     for fn in steps.values():  # warm-up
         fn()
     times = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, fn in steps.items():
+    names = list(steps)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate the order: no variant always first
             start = time.perf_counter()
-            fn()
+            steps[k]()
             times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -162,7 +163,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="small models and few repeats (a smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,8 +189,9 @@ def main():
                      f" {m['compiled masked']:>8.3f}s {m['eager GraNet-style']:>12.3f}s"
                      f" {r['masked_over_dense_compiled']:>13.3f} {r['masked_compiled_over_eager_granet_style']:>13.3f}")
     lines.append("")
-    lines.append("step times are medians of %d interleaved steps at batch %d (compiled = torch.compile"
-                 " of the forward/backward; optimizer and granet.step() eager)" % (repeats, batch))
+    lines.append("step times are medians of %d steps each at batch %d, the variants taking turns in a rotating"
+                 " order (compiled = torch.compile of the forward/backward; optimizer and granet.step() eager)"
+                 % (repeats, batch))
     lines.append("target: masked/dense <= 1.03; masked/eager is torch.compile's gain kept by the masked model")
     lines.append("")
     lines.append(f"mask update on {update['model']} ({update['parameters']:,} parameters, "

@@ -126,6 +126,7 @@ class GraNet:
     def apply_masks(self) -> None:
         """Zero pruned weights and the optimizer state shaped like them (momentum, Adam moments)."""
         for w, m in zip(self._weights, self._masks):
+            m = m.view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
             w.mul_(m)
             for value in self.optimizer.state.get(w, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == w.shape:
