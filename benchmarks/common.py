@@ -12,19 +12,14 @@ from pathlib import Path
 
 import torch
 
+from granet_fx.export import bench
+from granet_fx.export.files import atomic_write
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = bench.machine()["cpu"]
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
@@ -48,7 +43,4 @@ def write(name: str, text: str, data: dict) -> None:
     """Write results/<name>.txt and results/<name>.json, atomically."""
     RESULTS.mkdir(exist_ok=True)
     for suffix, content in ((".txt", text), (".json", json.dumps(data, indent=2) + "\n")):
-        path = RESULTS / (name + suffix)
-        tmp = path.with_suffix(suffix + ".tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
+        atomic_write(RESULTS / (name + suffix), content.encode())

@@ -8,7 +8,6 @@ Needs the ``plots`` extra: ``pip install 'granet-fx[plots]'``.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import runs
+from .export.console import ArgumentParser
 from .export.files import atomic_write
 
 
@@ -138,14 +138,9 @@ def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.Pa
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line on stderr, exit code 2
-        raise ValueError(message)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``granet-report RUN.json -o DIR``: write the PNGs of a saved run or sweep; 2 on bad input."""
-    parser = _Parser(prog="granet-report", description="Write PNG plots of a saved granet_fx run or sweep (JSON).")
+    parser = ArgumentParser(prog="granet-report", description="Write PNG plots of a saved granet_fx run or sweep (JSON).")
     parser.add_argument("file", help="a run or sweep file (JSON)")
     parser.add_argument("-o", "--out", default=".", help="folder for the PNGs (default: current folder)")
     try:

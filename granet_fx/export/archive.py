@@ -35,6 +35,7 @@ from ..fold import fold
 from ..passes.trace import training_mode
 from ..report import LayerReport
 from ..sparsify import _count_macs, sparse_info
+from .console import first_line
 from .files import atomic_write
 
 FORMAT = "granet_fx.archive"
@@ -300,8 +301,3 @@ def flat_tensors(outputs: Any) -> list[torch.Tensor]:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

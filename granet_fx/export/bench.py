@@ -25,6 +25,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .console import ArgumentParser, UsageError, first_line
+from .files import atomic_write
+
 PROG = "granet-bench"
 
 
@@ -49,7 +52,7 @@ def load(path: str) -> OnnxModel:
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:
-        raise BenchError(f"{path}: not an ONNX model ({_first_line(e)})") from e
+        raise BenchError(f"{path}: not an ONNX model ({first_line(e)})") from e
     if not model.graph.node:
         raise BenchError(f"{path}: not an ONNX model (no graph nodes)")
     size = os.path.getsize(path)
@@ -125,7 +128,7 @@ def _session(path: str, threads: int):
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BenchError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from e
+        raise BenchError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from e
 
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -178,7 +181,7 @@ def measure(paths: Sequence[str], batches: Sequence[int], threads: int, warmup: 
                 try:
                     sessions[i].run(None, feeds[i])
                 except Exception as e:
-                    raise BenchError(f"{paths[i]}: onnxruntime failed to run it ({_first_line(e)})") from e
+                    raise BenchError(f"{paths[i]}: onnxruntime failed to run it ({first_line(e)})") from e
                 elapsed = time.perf_counter() - start
                 if r >= warmup:
                     seconds[i].append(elapsed)
@@ -279,16 +282,10 @@ def columns(rows: list[tuple]) -> list[str]:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: an existing file is never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    """Write ``text`` to ``path`` through a temporary file; BenchError saying why when it cannot."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text.encode())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise BenchError(f"cannot write {path}: {e.strerror or e}") from e
 
 
@@ -302,16 +299,6 @@ def _progress_bar(done: int, total: int, what: str) -> None:
     end = "\n" if done == total else ""
     print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, {what}  ",
           end=end, file=sys.stderr, flush=True)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _positive_list(text: str) -> list[int]:
@@ -337,7 +324,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="+", help="the ONNX model(s) to measure")
     parser.add_argument("--baseline", help="an ONNX model to compare with (for example the dense one)")
     parser.add_argument("--batch", type=_positive_list, default=[1], help="batch sizes, for example 1,8,32 (default 1)")
@@ -346,12 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed runs per model and batch (default 5)")
     parser.add_argument("--runs", type=_at_least(1), default=30, help="timed runs per model and batch (default 30)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         result = run(args.model, args.baseline, args.batch, args.threads, args.warmup, args.runs, _progress_bar)
         if args.json:
             write_json(result, args.json)
-    except BenchError as e:
+    except (UsageError, BenchError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))

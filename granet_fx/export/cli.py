@@ -21,7 +21,8 @@ from ..passes.ops import WEIGHT_MODULES
 from ..passes.compact import CompactionReport, compact, compaction_report
 from ..report import LayerReport
 from ..sparsify import MASK_SUFFIX, _count_macs
-from .archive import ArchiveError, first_line, flat_tensors, export_program, is_archive, load, read_file
+from .archive import ArchiveError, flat_tensors, export_program, is_archive, load, read_file
+from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write, check_writable
 from .onnx_export import ExportError, check, max_abs_error, run_onnxruntime, to_onnx
 from .sparse_initializers import LAYOUTS, store_sparse
@@ -48,15 +49,6 @@ COMPACT_NOTE = ("note: the removed channels make inference faster; the zeros lef
                 "weights only make the file smaller (onnxruntime densifies them at load)")
 
 
-class BadInput(Exception):
-    """Input the tool cannot use; the message is the one line it prints."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        raise BadInput(message)
-
-
 @dataclass
 class Source:
     """What the ONNX export needs from MODEL, whatever kind of file it was."""
@@ -71,7 +63,7 @@ class Source:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="granet-export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="granet-export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="granet_fx archive, state_dict checkpoint, or pickled module")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument("--model", dest="factory", metavar="package.module:factory",
@@ -99,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if not args.tolerance >= 0:
-            raise BadInput(f"--tolerance must be >= 0; got {args.tolerance}")
+            raise UsageError(f"--tolerance must be >= 0; got {args.tolerance}")
         return _export(args)
-    except (BadInput, ArchiveError) as e:
+    except (UsageError, ArchiveError) as e:
         print(f"granet-export: error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:
@@ -121,11 +113,11 @@ def _progress(message: str) -> None:
 def _export(args) -> int:
     problem = check_writable(args.output)
     if problem:
-        raise BadInput(f"cannot write {args.output}: {problem}")
+        raise UsageError(f"cannot write {args.output}: {problem}")
     source = read_source(args)
     _progress(f"read {args.model}: {source.kind}")
     if args.dynamic_batch and source.program is not None and not source.dynamic_batch:
-        raise BadInput(f"{args.model} was saved with a fixed batch size; --dynamic-batch is not possible")
+        raise UsageError(f"{args.model} was saved with a fixed batch size; --dynamic-batch is not possible")
     start = time.perf_counter()
     compaction = None
     if args.compact:
@@ -135,7 +127,7 @@ def _export(args) -> int:
     try:
         dense = to_onnx(_program(source, args.dynamic_batch), opset=args.opset)
     except ValueError as e:
-        raise BadInput(str(e)) from None
+        raise UsageError(str(e)) from None
     final, sparse_names = dense, []
     if not args.dense_initializers:
         _progress(f"storing weights sparse ({args.sparse_layout} layout)")
@@ -166,7 +158,7 @@ def _export(args) -> int:
     try:
         atomic_write(args.output, data)
     except OSError as e:
-        raise BadInput(f"cannot write {args.output}: {e.strerror}") from None
+        raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
     print(SPEED_NOTE if compaction is None else COMPACT_NOTE)
     print(f"wrote {args.output} ({len(data):,} bytes) in {time.perf_counter() - start:.1f} s")
     return 0
@@ -201,16 +193,16 @@ def read_source(args) -> Source:
     data = read_file(args.model)
     if is_archive(data):
         if args.factory or args.input_shape or args.trust_pickle:
-            raise BadInput(f"{args.model} is a granet_fx archive: --model, --input-shape and --trust-pickle "
+            raise UsageError(f"{args.model} is a granet_fx archive: --model, --input-shape and --trust-pickle "
                            "apply to checkpoints only")
         saved = load(args.model)
         return Source("granet_fx archive", None, saved.program, saved.dynamic_batch,
                       saved.example_inputs, saved.reference_outputs, saved.layers)
     if not _is_torch_file(data):
-        raise BadInput(f"{args.model} is not a granet_fx archive or a PyTorch checkpoint "
+        raise UsageError(f"{args.model} is not a granet_fx archive or a PyTorch checkpoint "
                        "(truncated, or a file from another tool)")
     if args.input_shape is None:
-        raise BadInput("--input-shape is required for a checkpoint (the model's input shape, e.g. 1,3,32,32)")
+        raise UsageError("--input-shape is required for a checkpoint (the model's input shape, e.g. 1,3,32,32)")
     shapes = [_parse_shape(s) for s in args.input_shape]
     try:
         with warnings.catch_warnings():
@@ -219,19 +211,19 @@ def read_source(args) -> Source:
         kind = "state_dict"
     except Exception as e:
         if not _holds_python_objects(data, e):
-            raise BadInput(f"{args.model} is a damaged PyTorch checkpoint: {first_line(e)}") from None
+            raise UsageError(f"{args.model} is a damaged PyTorch checkpoint: {first_line(e)}") from None
         if not args.trust_pickle:
-            raise BadInput(f"{args.model} holds pickled Python objects (a whole module?); loading it would run "
+            raise UsageError(f"{args.model} holds pickled Python objects (a whole module?); loading it would run "
                            "code from the file: pass --trust-pickle only if you trust it, or save a state_dict") from None
         obj = _load_pickle(args.model, data)
         kind = "pickled module"
     if kind == "state_dict":
         if not args.factory:
-            raise BadInput(f"{args.model} is a state_dict: pass --model package.module:factory to build the model")
+            raise UsageError(f"{args.model} is a state_dict: pass --model package.module:factory to build the model")
         module = _module_from_state_dict(args.model, obj, args.factory)
     else:
         if args.factory:
-            raise BadInput("--model applies to a state_dict; this checkpoint holds a whole module")
+            raise UsageError("--model applies to a state_dict; this checkpoint holds a whole module")
         module = obj
     module.eval()
     generator = torch.Generator().manual_seed(0)
@@ -241,7 +233,7 @@ def read_source(args) -> Source:
             reference = flat_tensors(module(*inputs))
     except Exception as e:
         shown = " and ".join(",".join(map(str, s)) for s in shapes)
-        raise BadInput(f"the model does not take input shape {shown}: {first_line(e)}") from None
+        raise UsageError(f"the model does not take input shape {shown}: {first_line(e)}") from None
     return Source(kind, module, None, False, inputs, reference, _layer_reports(module, inputs))
 
 
@@ -281,16 +273,16 @@ def _load_pickle(path: str, data: bytes) -> nn.Module:
     try:
         obj = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
     except Exception as e:
-        raise BadInput(f"cannot unpickle {path}: {first_line(e)}") from None
+        raise UsageError(f"cannot unpickle {path}: {first_line(e)}") from None
     if not isinstance(obj, nn.Module):
-        raise BadInput(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
     return obj
 
 
 def _module_from_state_dict(path: str, state: object, factory: str) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise BadInput(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
     module = _call_factory(factory)
     masks = {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
     masks = {k: v for k, v in masks.items() if k in state}
@@ -298,7 +290,7 @@ def _module_from_state_dict(path: str, state: object, factory: str) -> nn.Module
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
-        raise BadInput(f"{path} does not fit {factory}(): {first_line(e)} {_rest(e)}".strip()) from None
+        raise UsageError(f"{path} does not fit {factory}(): {first_line(e)} {_rest(e)}".strip()) from None
     with torch.no_grad():
         for name, mask in masks.items():
             module.get_parameter(name).mul_(mask)
@@ -313,22 +305,22 @@ def _rest(e: Exception) -> str:
 def _call_factory(spec: str) -> nn.Module:
     match = re.fullmatch(r"([\w.]+):([\w.]+)", spec)
     if not match:
-        raise BadInput(f"--model must look like package.module:factory; got {spec!r}")
+        raise UsageError(f"--model must look like package.module:factory; got {spec!r}")
     module_name, attr = match.groups()
     try:
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except ImportError as e:
-        raise BadInput(f"--model {spec}: cannot import {module_name}: {first_line(e)}") from None
+        raise UsageError(f"--model {spec}: cannot import {module_name}: {first_line(e)}") from None
     except AttributeError:
-        raise BadInput(f"--model {spec}: {module_name} has no {attr}") from None
+        raise UsageError(f"--model {spec}: {module_name} has no {attr}") from None
     try:
         model = obj()
     except Exception as e:
-        raise BadInput(f"--model {spec}: calling it failed: {first_line(e)}") from None
+        raise UsageError(f"--model {spec}: calling it failed: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
-        raise BadInput(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -338,7 +330,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(n < 1 for n in shape):
-        raise BadInput(f"--input-shape must be positive integers separated by commas, e.g. 1,3,32,32; got {text!r}")
+        raise UsageError(f"--input-shape must be positive integers separated by commas, e.g. 1,3,32,32; got {text!r}")
     return shape
 
 
