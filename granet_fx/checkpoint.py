@@ -51,7 +51,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     granet: GraNet) -> dict[str, Any]:
     """Restore a run saved by ``save_checkpoint`` into fresh objects built as before; returns ``extra``.
 
-    The file is read with ``weights_only=True``: it cannot run code.
+    The file is read with ``weights_only=True``: it cannot run code. Should a
+    state dict not fit (objects built differently), torch's error is raised and
+    the objects loaded before it are already changed: build them afresh.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -108,7 +108,7 @@ def sparsify(model: nn.Module, config: GraNetConfig, *, example_inputs: Any = No
         example_inputs = (example_inputs,)
 
     owners = _owner_types(model)
-    macs = _count_macs(model, example_inputs) if example_inputs is not None else {}
+    macs = count_macs(model, example_inputs) if example_inputs is not None else {}
     reference = _run(model, example_inputs) if example_inputs is not None else None
 
     new, pieces = trace_pieces(model)
@@ -229,7 +229,8 @@ def _run(model: nn.Module, inputs: tuple) -> Any:
         return model(*inputs)
 
 
-def _count_macs(model: nn.Module, inputs: tuple) -> dict[int, int]:
+def count_macs(model: nn.Module, inputs: tuple) -> dict[int, int]:
+    """Multiply-accumulates of each conv/linear weight (by ``id``) in one eval-mode forward on ``inputs``."""
     counter = _MacCounter()
     with training_mode(model, False), torch.no_grad(), counter:
         model(*inputs)

@@ -34,7 +34,7 @@ from ..config import GraNetConfig
 from ..fold import fold
 from ..passes.trace import training_mode
 from ..report import LayerReport
-from ..sparsify import _count_macs, sparse_info
+from ..sparsify import count_macs, sparse_info
 from .console import first_line
 from .files import atomic_write
 
@@ -279,7 +279,7 @@ def _json(path, z: zipfile.ZipFile, name: str) -> dict:
 def _layer_reports(model: nn.Module, folded: nn.Module, inputs: tuple) -> list[LayerReport]:
     """Each conv/linear weight: its shape, kept weights (the mask's count) and dense MACs on ``inputs``."""
     info = sparse_info(model)
-    macs_by_id = _count_macs(folded, inputs)
+    macs_by_id = count_macs(folded, inputs)
     reports = []
     for layer in info.layers:
         active = layer.numel

@@ -20,7 +20,7 @@ from torch import nn
 from ..passes.ops import WEIGHT_MODULES
 from ..passes.compact import CompactionReport, compact, compaction_report
 from ..report import LayerReport
-from ..sparsify import MASK_SUFFIX, _count_macs
+from ..sparsify import MASK_SUFFIX, count_macs
 from .archive import ArchiveError, flat_tensors, export_program, is_archive, load, read_file
 from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write, check_writable
@@ -336,7 +336,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def _layer_reports(module: nn.Module, inputs: tuple) -> list[LayerReport]:
     """Conv/linear weights of a plain module, their density counted by nonzeros."""
-    macs = _count_macs(module, inputs)
+    macs = count_macs(module, inputs)
     reports = []
     for name, m in module.named_modules():
         if isinstance(m, WEIGHT_MODULES):

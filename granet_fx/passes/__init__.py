@@ -1,4 +1,4 @@
-"""torch.fx passes: trace a model, insert mask nodes (and, later, fold and compact them)."""
+"""torch.fx passes: trace a model, insert mask nodes, fold them; channel groups and compaction."""
 
 from .fold_masks import fold_mask, fold_masks
 from .insert_masks import insert_masks, is_mask_node, mask_weight
@@ -8,5 +8,5 @@ from .trace import Piece, trace_pieces
 __all__ = [
     "Piece", "WEIGHT_MODULES", "WEIGHT_OPS", "WeightUse",
     "insert_masks", "is_mask_node", "mask_weight", "trace_pieces", "weight_uses",
+    "fold_mask", "fold_masks",
 ]
-__all__ += ["fold_mask", "fold_masks"]
