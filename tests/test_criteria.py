@@ -156,15 +156,15 @@ def test_large_inputs_select_exactly_through_the_sampled_bracket(decimals, monke
         got = np.concatenate([m.numpy().ravel() for m in prune_global(scores, masks, keep)])
         assert (got == reference_prune(scores, masks, keep)).all()
     s, m = scores[0].numpy().ravel(), masks[0].numpy().ravel()
-    n = 20_000
-    dropped = np.argsort(np.where(m, s, np.inf), kind="stable")[:n]
-    expected = m.copy()
-    expected[dropped] = False
-    assert (drop_smallest(scores[0], masks[0], n).numpy().ravel() == expected).all()
-    grown = np.argsort(-np.where(m, -np.inf, s), kind="stable")[:n]
-    expected = m.copy()
-    expected[grown] = True
-    assert (grow_largest(scores[0], masks[0], n).numpy().ravel() == expected).all()
+    for n in (2_000, 20_000, 60_000):    # the threshold in the lower or the upper half of the candidates
+        dropped = np.argsort(np.where(m, s, np.inf), kind="stable")[:n]
+        expected = m.copy()
+        expected[dropped] = False
+        assert (drop_smallest(scores[0], masks[0], n).numpy().ravel() == expected).all()
+        grown = np.argsort(-np.where(m, -np.inf, s), kind="stable")[:n]
+        expected = m.copy()
+        expected[grown] = True
+        assert (grow_largest(scores[0], masks[0], n).numpy().ravel() == expected).all()
     # A bracket that misses the answer falls back to selecting among every candidate.
     monkeypatch.setattr(criteria, "_bracket", lambda *a: (10.0, 11.0))
     got = np.concatenate([m.numpy().ravel() for m in prune_global(scores, masks, 30_000)])
