@@ -30,6 +30,17 @@ class SmallCNN(nn.Module):
         return self.fc(self.drop(x))
 
 
+class Branchy(nn.Module):
+    """A linear layer behind data-dependent control flow: neither symbolic_trace nor torch.export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
 def batches(n, shape, classes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(*shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g)) for _ in range(n)]

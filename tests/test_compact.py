@@ -10,7 +10,7 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.models import BottleneckResNet, InvertedResidual, MLP, Mnist1dCNN, MobileNetV2, TransformerBlock
 
-from helpers import batches, train
+from helpers import Branchy, batches, train
 from test_channel_groups import TwoBlocks
 
 
@@ -204,16 +204,8 @@ def test_report_needs_a_compacted_model():
 
 
 def test_untraceable_model_gets_a_clear_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else -self.fc(x)
-
     with pytest.raises(ValueError, match="torch.export cannot capture Branchy"):
-        gf.compact(Branchy(), torch.ones(1, 4))
+        gf.compact(Branchy(), torch.ones(1, 8))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import granet_fx as gf
 from granet_fx.criteria import apportion, prune_global
 from granet_fx.passes import is_mask_node
 
-from helpers import MLP, batches, train
+from helpers import MLP, Branchy, batches, train
 
 
 def one_step(model, opt, x, y):
@@ -176,20 +176,11 @@ class SplitShared(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(8, 8)
-        self.gate = Gate()
+        self.gate = Branchy()
         self.gate.fc.weight = self.a.weight
 
     def forward(self, x):
         return self.gate(self.a(x))
-
-
-class Gate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
 def test_weight_shared_across_separately_traced_parts_stays_dense():
