@@ -134,11 +134,12 @@ class GraNetConfig:
         g = self.granularity
         if g in GRANULARITIES:
             return
-        if not (isinstance(g, str) and _NM.match(g)):
+        nm = self.nm
+        if nm is None:
             raise ValueError(
                 f"granularity must be one of {_choices(GRANULARITIES)} or 'n:m' (for example '2:4'); got {g!r}"
             )
-        n, m = self.nm
+        n, m = nm
         if not 0 < n < m:
             raise ValueError(f"granularity={g!r}: N:M needs 0 < N < M")
         s_f = self.final_sparsity

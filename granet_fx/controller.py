@@ -84,8 +84,7 @@ class GraNet:
     def _above_final(self) -> bool:
         active = [self._active[n] for n in self._names]
         if self.config.scope == "global":
-            n = sum(m.numel() for m in self._masks)
-            return sum(active) > max(round((1.0 - self.config.final_sparsity) * n), len(active))
+            return sum(active) > sum(self._final_counts)
         return any(a > f for a, f in zip(active, self._final_counts))
 
     def _regrows_at(self, t: int) -> bool:

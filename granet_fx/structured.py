@@ -38,7 +38,7 @@ from torch import nn
 from .criteria import (
     channel_norms, drop_smallest, grow_largest, nm_keep_largest, nm_refill, prune_channels, round_kept,
 )
-from .passes.channel_groups import ChannelGroup, channel_groups
+from .passes.channel_groups import ChannelGroup, channel_groups, named_tensors
 
 
 def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator: torch.Generator) -> None:
@@ -70,31 +70,27 @@ class ChannelMasks:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1):
         self.multiple = multiple
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        tensors.update(model.named_buffers(remove_duplicate=False))
         self.masked = set(masked)
         self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
                        and all(c.weight in self.masked and c.mask for c in g.columns)]
         self.costs = [len(g.rows) for g in self.groups]
         self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
-        self.tensors = tensors
+        self.tensors = named_tensors(model)
         self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
 
     def _rows(self, i: int) -> list[torch.Tensor]:
         g = self.groups[i]
-        return [self.tensors[r.weight].detach().narrow(0, r.offset, g.size) for r in g.rows]
+        return [r.channels(self.tensors[r.weight].detach(), g.size) for r in g.rows]
 
-    def _columns(self, i: int, what: str) -> list[torch.Tensor | None]:
-        """The group's columns of every reader (masks, or weight gradients), channels first."""
-        g, out = self.groups[i], []
-        for c, idx in zip(g.columns, self.positions[i]):
-            t = self.tensors[c.mask] if what == "mask" else self.tensors[c.weight].grad
-            out.append(None if t is None else t.index_select(1, idx.to(t.device)).movedim(1, 0).reshape(g.size, -1))
-        return out
+    def _gradient_columns(self, i: int) -> list[torch.Tensor | None]:
+        """The group's columns of every reader's weight gradient (None where there is none), channels first."""
+        g = self.groups[i]
+        grads = [self.tensors[c.weight].grad for c in g.columns]
+        return [None if t is None else c.channels(t, g.size) for c, t in zip(g.columns, grads)]
 
     def keeps(self) -> list[torch.Tensor]:
         """Per group, which channels are kept (read from the masks, the state that is saved)."""
-        return [self._columns(i, "mask")[0].all(1) for i in range(len(self.groups))]
+        return [g.columns[0].channels(self.tensors[g.columns[0].mask], g.size).all(1) for g in self.groups]
 
     @torch.no_grad()
     def set(self, keeps: list[torch.Tensor]) -> None:
@@ -135,7 +131,7 @@ class ChannelMasks:
         of their masked columns (at random with a generator, for SET)."""
         new = []
         for i, (g, keep) in enumerate(zip(self.groups, self.keeps())):
-            grads = self._columns(i, "grad")
+            grads = self._gradient_columns(i)
             if any(x is None for x in grads):
                 new.append(keep)
                 continue
@@ -188,7 +184,7 @@ class NMMasks:
             w.mul_(mask)
 
     @torch.no_grad()
-    def prune(self, sparsity: float, scope: str = "") -> None:
+    def prune(self, sparsity: float, scope: str) -> None:
         k = self.per_group(sparsity)
         for w, mask in zip(self.weights, self.masks):
             mask.copy_(nm_keep_largest(w.abs(), mask, k, self.m))

@@ -96,6 +96,15 @@ class Member:
         within = torch.arange(self.repeat)
         return (self.offset + channels[:, None] * self.repeat + within[None, :]).flatten()
 
+    def channels(self, t: torch.Tensor, size: int) -> torch.Tensor:
+        """``t`` (this member's weight, mask or gradient) cut to the ``size`` channels of its group,
+        one row per channel: a row's output channels, a column's input channels."""
+        if self.role == "column":
+            t = t.index_select(1, self.indices(torch.arange(size)).to(t.device)).movedim(1, 0)
+        else:
+            t = t.narrow(0, self.offset, size)
+        return t.reshape(size, -1)
+
 
 @dataclass
 class ChannelGroup:
@@ -112,10 +121,6 @@ class ChannelGroup:
     @property
     def columns(self) -> list[Member]:
         return [m for m in self.members if m.role == "column"]
-
-    @property
-    def norms(self) -> list[Member]:
-        return [m for m in self.members if m.role == "norm"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,13 @@ class _Layout:
 
     def shape(self) -> tuple[tuple[int, int], ...]:
         return tuple((s.size, s.repeat) for s in self.segments)
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by its state_dict name, shared ones under each name."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
 
 
 def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -312,12 +324,10 @@ class _Analysis:
     def conv(self, node: fx.Node) -> _Layout | None:
         x, weight = node.args[0], _weight_of(node.args[1])
         bias = _arg(node, 2, "bias")
-        if node.target is aten.convolution.default:
-            if _arg(node, 6, "transposed"):
-                return self.unknown(node)
-            padding, groups = _arg(node, 4, "padding", 0), _arg(node, 8, "groups", 1)
-        else:
-            padding, groups = _arg(node, 4, "padding", 0), _arg(node, 6, "groups", 1)
+        if node.target is aten.convolution.default and _arg(node, 6, "transposed"):
+            return self.unknown(node)
+        padding = _arg(node, 4, "padding", 0)
+        groups = _arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
         if weight is None or (bias is not None and _weight_of(bias) is None):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None

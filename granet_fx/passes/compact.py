@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
-from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions
+from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions, named_tensors
 from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
@@ -102,8 +102,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     new.eval()
     gm = export_graph(new, inputs)
     groups = find_groups(gm)
-    tensors = dict(new.named_parameters(remove_duplicate=False))
-    tensors.update(new.named_buffers(remove_duplicate=False))
+    tensors = named_tensors(new)
     positions = layer_positions(gm)
     macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
     values = _probe(gm, inputs, {c.node for g in groups for c in g.columns})
@@ -148,14 +147,11 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     """The channels of ``group`` to remove, and the constants to fold: [(column, channel, constants)]."""
     zero_rows = torch.ones(group.size, dtype=torch.bool)
     for r in group.rows:
-        rows = tensors[r.weight].detach().narrow(0, r.offset, group.size)
-        zero_rows &= (rows == 0).flatten(1).all(1).cpu()
+        zero_rows &= (r.channels(tensors[r.weight].detach(), group.size) == 0).all(1).cpu()
     # No layer reads the channels: they are unread, unless pinned (read by the output or by unknown ops).
     unread = torch.full((group.size,), not group.pinned or bool(group.columns))
     for c in group.columns:
-        w = tensors[c.weight].detach()
-        cols = w.index_select(1, c.indices(torch.arange(group.size)).to(w.device))
-        unread &= (cols.movedim(1, 0).reshape(group.size, -1) == 0).all(1).cpu()
+        unread &= (c.channels(tensors[c.weight].detach(), group.size) == 0).all(1).cpu()
     dead = zero_rows | unread
     if group.pinned:
         if dead.any():

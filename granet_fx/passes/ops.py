@@ -67,7 +67,7 @@ def is_weight_op(func) -> bool:
     return func in WEIGHT_OPS
 
 
-def macs_of(output: torch.Tensor, weight: torch.Tensor, func=F.linear) -> int:
+def macs_of(output: torch.Tensor, weight: torch.Tensor, func) -> int:
     """Multiply-accumulates of a conv/linear call: one per output element per weight feeding it.
 
     Conv/linear weights are (out, in, ...); addmm's is (in, out).

@@ -37,7 +37,7 @@ class Piece:
 class _Tracer(fx.Tracer):
     """Traces through conv/linear modules; remembers the innermost module that failed."""
 
-    def __init__(self, opaque: set[str] = frozenset()):
+    def __init__(self, opaque: set[str] = frozenset()):  # no arguments: how torch re-creates it when unpickling
         super().__init__()
         self.opaque = opaque
         self.failed_in: str | None = None
