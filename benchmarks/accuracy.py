@@ -34,6 +34,9 @@ from granet_fx import runs
 from granet_fx.export.files import atomic_write
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dNet
+from granet_fx.passes import WEIGHT_MODULES
+
+from common import command
 
 # label, method, initial sparsity
 METHODS = [
@@ -66,7 +69,7 @@ def _init_worker(samples: int, threads: int) -> None:
 def _train(job: dict) -> dict:
     """Train one (method, sparsity, seed); returns its result row and its run record."""
     config = gf.GraNetConfig.from_dict(job["config"])
-    recorder = runs.RunRecorder(every=max(config.total_steps // 300, 1))
+    recorder = runs.RunRecorder(every=max(config.total_steps // 300, 1)) if job["record"] else None
     torch.manual_seed(job["seed"])
     model = Mnist1dNet()
     result = train_mnist1d(model, config, _data, compile=job["compile"], seed=job["seed"], callback=recorder)
@@ -77,7 +80,7 @@ def _train(job: dict) -> dict:
         "global_sparsity": report.global_sparsity, "training_flops": report.training_flops,
         "inference_flops": report.inference_flops, "seconds": result.seconds,
     }
-    return {"row": row, "run": recorder.run(job["label"], result.accuracy) if job["record"] else None}
+    return {"row": row, "run": recorder.run(job["label"], result.accuracy) if recorder else None}
 
 
 def make_jobs(args) -> list[dict]:
@@ -202,11 +205,11 @@ def main() -> None:
     sweep = {
         "format": runs.SWEEP_FORMAT, "version": runs.VERSION,
         "title": "MNIST-1D test accuracy",
-        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+        "command": command(),
         "setup": {
             "samples": args.samples, "train": train, "test": args.samples - train,
             "model": "granet_fx.models.Mnist1dNet()",
-            "weights": sum(p.numel() for n, p in Mnist1dNet().named_parameters() if n.endswith("weight")),
+            "weights": sum(m.weight.numel() for m in Mnist1dNet().modules() if isinstance(m, WEIGHT_MODULES)),
             "steps": args.steps, "seeds": args.seeds, "batch_size": 128,
             "mode": "torch.compile" if args.compile else "eager", "jobs": args.jobs, "threads": args.threads,
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "cpus": os.cpu_count(),

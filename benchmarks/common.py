@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -13,7 +12,6 @@ from pathlib import Path
 import torch
 
 from granet_fx.export import bench
-from granet_fx.export.files import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,5 +40,5 @@ def command() -> str:
 def write(name: str, text: str, data: dict) -> None:
     """Write results/<name>.txt and results/<name>.json, atomically."""
     RESULTS.mkdir(exist_ok=True)
-    for suffix, content in ((".txt", text), (".json", json.dumps(data, indent=2) + "\n")):
-        atomic_write(RESULTS / (name + suffix), content.encode())
+    bench.write_atomic(str(RESULTS / (name + ".txt")), text)
+    bench.write_json(data, str(RESULTS / (name + ".json")))

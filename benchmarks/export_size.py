@@ -20,17 +20,17 @@ a timing, so a busy machine does not change these figures.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
 import granet_fx as gf
 from granet_fx.export.archive import export_program
-from granet_fx.export.files import atomic_write
+from granet_fx.export.bench import write_json
 from granet_fx.export.onnx_export import check, max_abs_error, run_onnxruntime, to_onnx
 from granet_fx.export.sparse_initializers import store_sparse
 from granet_fx.models import TransformerBlock, resnet18
+
+from common import command
 
 MODELS = {
     "resnet18": (lambda: resnet18(), (1, 3, 32, 32)),
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    print(f"command: python benchmarks/export_size.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: {command()}")
     print(f"torch {torch.__version__}, onnx {__import__('onnx').__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}; ideal = 3 x density (float32 values + int64 indices)")
     header = f"{'model':<18} {'sparsity':>8} {'density':>8} {'dense bytes':>12} {'sparse bytes':>12} " \
@@ -100,9 +100,7 @@ def main() -> None:
     print("payload: sparse values + int64 indices; kept dense: weights denser than 1/3, biases, norms, "
           "shape constants; graph: nodes and value_info")
     if args.json:
-        payload = {"command": f"python benchmarks/export_size.py {' '.join(sys.argv[1:])}".rstrip(),
-                   "target_ratio_over_ideal": TARGET, "results": results}
-        atomic_write(args.json, (json.dumps(payload, indent=1) + "\n").encode())
+        write_json({"command": command(), "target_ratio_over_ideal": TARGET, "results": results}, args.json)
 
 
 if __name__ == "__main__":

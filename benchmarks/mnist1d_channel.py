@@ -25,6 +25,8 @@ from granet_fx.export.bench import columns, write_atomic, write_json
 from granet_fx.mnist1d import accuracy, load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
 
+from common import command
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +69,9 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
 
-    command = "python benchmarks/mnist1d_channel.py " + " ".join(sys.argv[1:])
+    cmd = command()
     lines = [
-        f"$ {command.strip()}",
+        f"$ {cmd}",
         f"MNIST-1D (10,000 samples), Mnist1dCNN (64 channels), {args.steps} steps, seeds {seeds}, eager, "
         f"{args.threads} threads",
         f"dense: test accuracy {stats(dense)} %",
@@ -92,7 +94,7 @@ def main() -> None:
             f"unstructured {100 * r['unstructured_accuracy']:.2f} % at FLOPs {r['unstructured_flops']:.4f}")
     text = "\n".join(lines) + "\n"
     print(text)
-    write_json({"command": command.strip(), "steps": args.steps, "dense_accuracy": dense, "runs": runs},
+    write_json({"command": cmd, "steps": args.steps, "dense_accuracy": dense, "runs": runs},
                args.out + ".json")
     write_atomic(args.out + ".txt", text)
 

@@ -20,13 +20,16 @@ import copy
 import os
 import sys
 import tempfile
-import warnings
 
 import torch
 
 import granet_fx as gf
+from granet_fx.export.archive import export_program
 from granet_fx.export.bench import columns, format_table, machine, run, write_atomic, write_json
+from granet_fx.export.onnx_export import to_onnx
 from granet_fx.models import resnet18
+
+from common import command
 
 TARGET = 0.9
 
@@ -42,10 +45,10 @@ def prune_channels(model: torch.nn.Module, sparsity: float, multiple: int, x: to
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), path, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    """ONNX with a dynamic batch, the way granet-export writes it."""
+    program, _ = export_program(model.eval(), (x,), dynamic_batch=True)
+    with open(path, "wb") as f:
+        f.write(to_onnx(program).SerializeToString())
 
 
 def main() -> None:
@@ -70,17 +73,18 @@ def main() -> None:
     x = torch.randn(1, 3, 32, 32)
     dense = resnet18(width=args.width).eval()
 
-    command = "python benchmarks/speedup.py " + " ".join(sys.argv[1:])
+    cmd = command()
     m = machine()
     lines = [
-        f"$ {command.strip()}",
+        f"$ {cmd}",
         f"ResNet-18 (CIFAR, 32x32, width {args.width}), onnxruntime on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
         f"warm-up {args.warmup}, {args.runs} timed runs, dense and compacted run alternately",
         "",
     ]
     rows = [("channel sparsity", "multiple", "threads", "batch", "dense ms", "compacted ms", "speedup", "FLOPs ratio",
              "speedup / FLOPs ratio", f">= {TARGET}")]
-    results = {"command": command.strip(), "machine": m, "width": args.width, "runs": []}
+    details = []    # what compaction did, once per (sparsity, multiple)
+    results = {"command": cmd, "machine": m, "width": args.width, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = os.path.join(tmp, "dense.onnx")
         export(dense, x, dense_path)
@@ -91,6 +95,8 @@ def main() -> None:
                 report = gf.compaction_report(compacted)
                 widths = [m.out_channels for m in compacted.modules() if isinstance(m, torch.nn.Conv2d)]
                 print(report, file=sys.stderr)
+                details += ["", f"channel sparsity {sparsity}, channel_multiple {multiple}:", str(report),
+                            f"conv output channels: {widths}"]
                 path = os.path.join(tmp, f"compacted_{sparsity}_{multiple}.onnx")
                 export(compacted, x, path)
                 for n in threads:
@@ -114,13 +120,7 @@ def main() -> None:
     lines += columns(rows)
     lines += ["", "speedup = dense median latency / compacted median latency; FLOPs ratio = dense / compacted "
               "FLOPs counted in the ONNX graphs (the limit)"]
-    reported = set()
-    for entry in results["runs"]:
-        key = (entry["channel_sparsity"], entry["channel_multiple"])
-        if key not in reported:
-            reported.add(key)
-            lines += ["", f"channel sparsity {key[0]}, channel_multiple {key[1]}:", entry["compaction"],
-                      f"conv output channels: {entry['conv_widths']}"]
+    lines += details
     text = "\n".join(lines) + "\n"
     print(text)
     write_json(results, args.out + ".json")
