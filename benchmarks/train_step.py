@@ -31,17 +31,6 @@ from granet_fx.models import TransformerBlock, resnet18
 from common import command, machine, median_time, write
 
 
-def make_step(model, optimizer, forward, x, y, after=None):
-    def step():
-        loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-        if after is not None:
-            after()
-    return step
-
-
 def eager_granet_style(model, masks):
     """GraNet's own way: an eager model, weights and momentum multiplied by the mask after each step."""
     params = dict(model.named_parameters())
@@ -55,12 +44,6 @@ def eager_granet_style(model, masks):
                 if buf is not None:
                     buf.mul_(m)
     return apply
-
-
-def loss_target(model_name, batch):
-    if model_name == "resnet18":
-        return torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    return torch.randn(batch, 64, 256), None
 
 
 def compare_steps(name, make_model, x, y, repeats, config):
@@ -85,7 +68,7 @@ def compare_steps(name, make_model, x, y, repeats, config):
     else:
         criterion = lambda out: F.cross_entropy(out, y)
 
-    def step_of(model, opt, forward, after):
+    def step_of(opt, forward, after):
         def step():
             loss = criterion(forward(x))
             opt.zero_grad(set_to_none=False)
@@ -96,15 +79,15 @@ def compare_steps(name, make_model, x, y, repeats, config):
 
     t0 = time.perf_counter()
     c_dense = torch.compile(dense)
-    steps = {"compiled dense": step_of(dense, opt_d, c_dense, lambda: None)}
+    steps = {"compiled dense": step_of(opt_d, c_dense, lambda: None)}
     steps["compiled dense"]()
     compile_dense = time.perf_counter() - t0
     t0 = time.perf_counter()
     c_masked = torch.compile(masked)
-    steps["compiled masked"] = step_of(masked, opt_m, c_masked, granet.step)
+    steps["compiled masked"] = step_of(opt_m, c_masked, granet.step)
     steps["compiled masked"]()
     compile_masked = time.perf_counter() - t0
-    steps["eager GraNet-style"] = step_of(eager, opt_e, eager, lambda: apply_eager(opt_e))
+    steps["eager GraNet-style"] = step_of(opt_e, eager, lambda: apply_eager(opt_e))
     for fn in steps.values():  # warm-up
         fn()
     times = {k: [] for k in steps}
