@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 import granet_fx as gf
 from granet_fx.config import METHODS
 from granet_fx.export import bench, cli
+from granet_fx.export.files import check_writable
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
 from granet_fx.runs import save_json
@@ -51,8 +51,9 @@ def main() -> None:
                                  update_every=args.update_every)
     except ValueError as e:
         parser.error(str(e))
-    if args.save_run and not Path(args.save_run).resolve().parent.is_dir():
-        parser.error(f"--save-run: folder {Path(args.save_run).parent} does not exist")
+    problem = check_writable(args.save_run) if args.save_run else None
+    if problem:
+        parser.error(f"--save-run: {problem}")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     print("generating MNIST-1D (10,000 samples) ...", flush=True)
     data = load_mnist1d()
