@@ -7,7 +7,7 @@ import copy
 from torch import fx, nn
 
 from .passes.fold_masks import fold_mask, fold_masks
-from .sparsify import INFO_ATTR, sparse_info, unwrap
+from .sparsify import set_info, sparse_info, unwrap
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -28,5 +28,5 @@ def fold(model: nn.Module) -> nn.Module:
         except AttributeError:
             continue
         fold_mask(folded, layer.name, layer.mask_name)
-    vars(folded).pop(INFO_ATTR, None)
+    set_info(folded, None)
     return folded

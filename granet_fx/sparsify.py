@@ -139,10 +139,22 @@ def sparsify(model: nn.Module, config: GraNetConfig, *, example_inputs: Any = No
     info = SparseModelInfo(config, layers)
     if config.granularity != "unstructured":
         init_structured_masks(new, info, example_inputs, generator)
-    setattr(new, INFO_ATTR, info)
-    if isinstance(new, fx.GraphModule):  # GraphModule's deepcopy keeps only what is listed here
-        new.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[INFO_ATTR] = info
+    set_info(new, info)
     return new
+
+
+def set_info(model: nn.Module, info: SparseModelInfo | None) -> None:
+    """Mark ``model`` as sparsified with ``info``, or (None) as not sparsified, so that copies agree."""
+    if info is None:
+        vars(model).pop(INFO_ATTR, None)
+    else:
+        setattr(model, INFO_ATTR, info)
+    if isinstance(model, fx.GraphModule):  # GraphModule's deepcopy keeps only the attributes listed here
+        preserved = model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+        if info is None:
+            preserved.pop(INFO_ATTR, None)
+        else:
+            preserved[INFO_ATTR] = info
 
 
 def _choose_layers(root, pieces: list[Piece], config, owners, macs):

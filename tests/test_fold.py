@@ -1,5 +1,7 @@
 """fold: masks multiplied into the weights, no mask nodes or buffers, the same outputs."""
 
+import copy
+
 import pytest
 import torch
 from torch import fx, nn
@@ -87,3 +89,12 @@ def test_fold_masks_pass_on_one_graph():
 def test_fold_needs_a_sparsified_model():
     with pytest.raises(ValueError, match="sparsify"):
         gf.fold(SmallCNN())
+
+
+def test_a_copy_of_a_folded_model_is_not_sparsified():
+    model = gf.sparsify(nn.Sequential(nn.Linear(4, 4)), gf.GraNetConfig(total_steps=10))
+    folded = gf.fold(model)
+    assert isinstance(folded, fx.GraphModule)   # whose deepcopy restores the attributes it preserves
+    for m in (folded, copy.deepcopy(folded)):
+        with pytest.raises(ValueError, match="sparsify"):
+            gf.fold(m)
