@@ -34,7 +34,7 @@ from ..config import GraNetConfig
 from ..fold import fold
 from ..passes.trace import training_mode
 from ..report import LayerReport
-from ..sparsify import count_macs, sparse_info
+from ..sparsify import count_macs, sparse_info, unwrap
 from .console import first_line
 from .files import atomic_write
 
@@ -107,14 +107,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any) -> N
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+    model = unwrap(model)
     inputs = tuple(t.detach().cpu() for t in inputs)
-    folded = fold(model).cpu().eval()
-    with torch.no_grad():
-        outputs = flat_tensors(folded(*inputs))
+    folded = fold(model).eval()
+    with torch.no_grad():   # on the model's device: CPU and GPU kernels do not agree to the bit
+        on_device = tuple(t.to(_device(model)) for t in inputs)
+        outputs = flat_tensors(folded(*on_device))
         with training_mode(model, False):
-            masked = flat_tensors(model(*(t.to(_device(model)) for t in inputs)))
-    if len(masked) != len(outputs) or not all(torch.equal(a.cpu(), b) for a, b in zip(masked, outputs)):
+            masked = flat_tensors(model(*on_device))
+    if len(masked) != len(outputs) or not all(torch.equal(a, b) for a, b in zip(masked, outputs)):
         raise RuntimeError("granet_fx: the folded model computes something else than the masked model")
+    folded = folded.cpu()
 
     program, dynamic = export_program(folded, inputs, dynamic_batch=None)
     program.example_inputs = None  # torch would pickle them; the metadata keeps them as raw bytes
@@ -139,9 +142,12 @@ def load(path: str | os.PathLike) -> SavedModel:
     Nothing in the file is unpickled: entries that ``save`` does not write,
     including every pickled payload, are refused before the archive is parsed.
     """
-    data = read_file(path)
-    names = _archive_entries(path, data)
-    metadata = _read_metadata(path, data, names)
+    return load_bytes(read_file(path), path)
+
+
+def load_bytes(data: bytes, path: str | os.PathLike) -> SavedModel:
+    """``load`` for the bytes of the file at ``path`` (named in errors), already read."""
+    metadata = _checked_metadata(path, data)
     try:
         program = torch.export.load(io.BytesIO(data))
         result = SavedModel(
@@ -221,42 +227,36 @@ def tensor_from_json(d: dict) -> torch.Tensor:
     return flat.reshape(d["shape"])
 
 
-def _archive_entries(path, data: bytes) -> list[str]:
-    """The archive's entry names, relative to its root folder, once every one is known to be plain data."""
+def _checked_metadata(path, data: bytes) -> dict:
+    """The archive's granet_fx metadata, once every entry is known to be plain data that ``save`` writes."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            names = z.namelist()
-            damaged = z.testzip()
+        z = zipfile.ZipFile(io.BytesIO(data))
+        names = z.namelist()
+        damaged = z.testzip()
     except zipfile.BadZipFile:
         raise ArchiveError(
             f"{path} is not a granet_fx archive (not a complete zip file: truncated, or another kind of file)"
         ) from None
-    if damaged is not None:
-        raise ArchiveError(f"{path} is a damaged granet_fx archive: entry {damaged} fails its checksum")
-    root = names[0].split("/", 1)[0] if names else ""
-    relative = [n[len(root) + 1:] for n in names if n.startswith(root + "/")]
-    layout = _layout()
-    if len(relative) != len(names) or layout.metadata not in relative:
-        raise ArchiveError(
-            f"{path} is not a granet_fx archive (a zip file without {METADATA}; write one with granet_fx.save)"
-        )
-    for name in relative:
-        if not layout.allowed.fullmatch(name):
-            raise ArchiveError(f"{path} holds {name!r}, which granet_fx.save never writes; refusing to load it")
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
+    with z:
+        if damaged is not None:
+            raise ArchiveError(f"{path} is a damaged granet_fx archive: entry {damaged} fails its checksum")
+        root = names[0].split("/", 1)[0] if names else ""
+        relative = [n[len(root) + 1:] for n in names if n.startswith(root + "/")]
+        layout = _layout()
+        if len(relative) != len(names) or layout.metadata not in relative:
+            raise ArchiveError(
+                f"{path} is not a granet_fx archive (a zip file without {METADATA}; write one with granet_fx.save)"
+            )
+        for name in relative:
+            if not layout.allowed.fullmatch(name):
+                raise ArchiveError(f"{path} holds {name!r}, which granet_fx.save never writes; refusing to load it")
         if z.read(f"{root}/{layout.sample_inputs}"):
             raise ArchiveError(f"{path} holds pickled sample inputs, which granet_fx.save never writes; refusing to load it")
         for config in layout.payload_configs:
             entries = _json(path, z, f"{root}/{config}").get("config", {})
             if any(e.get("use_pickle", True) for e in entries.values()):
                 raise ArchiveError(f"{path} holds pickled tensors, which granet_fx.save never writes; refusing to load it")
-    return names
-
-
-def _read_metadata(path, data: bytes, names: list[str]) -> dict:
-    name = next(n for n in names if n.endswith("/" + _layout().metadata))
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        metadata = _json(path, z, name)
+        metadata = _json(path, z, f"{root}/{layout.metadata}")
     if metadata.get("format") != FORMAT:
         raise ArchiveError(f"{path} is not a granet_fx archive (its {METADATA} is not granet_fx metadata)")
     if metadata.get("version") != FORMAT_VERSION:

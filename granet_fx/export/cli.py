@@ -21,7 +21,7 @@ from ..passes.ops import WEIGHT_MODULES
 from ..passes.compact import CompactionReport, compact, compaction_report
 from ..report import LayerReport
 from ..sparsify import MASK_SUFFIX, count_macs
-from .archive import ArchiveError, flat_tensors, export_program, is_archive, load, read_file
+from .archive import ArchiveError, flat_tensors, export_program, is_archive, load_bytes, read_file
 from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write, check_writable
 from .onnx_export import ExportError, check, max_abs_error, run_onnxruntime, to_onnx
@@ -195,7 +195,7 @@ def read_source(args) -> Source:
         if args.factory or args.input_shape or args.trust_pickle:
             raise UsageError(f"{args.model} is a granet_fx archive: --model, --input-shape and --trust-pickle "
                            "apply to checkpoints only")
-        saved = load(args.model)
+        saved = load_bytes(data, args.model)
         return Source("granet_fx archive", None, saved.program, saved.dynamic_batch,
                       saved.example_inputs, saved.reference_outputs, saved.layers)
     if not _is_torch_file(data):
