@@ -21,9 +21,10 @@ import sys
 import torch
 
 import granet_fx as gf
-from granet_fx.export.bench import columns, write_atomic, write_json
+from granet_fx.export.bench import write_atomic, write_json
 from granet_fx.mnist1d import accuracy, load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN
+from granet_fx.report import columns
 
 from common import command
 

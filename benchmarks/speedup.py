@@ -25,9 +25,10 @@ import torch
 
 import granet_fx as gf
 from granet_fx.export.archive import export_program
-from granet_fx.export.bench import columns, format_table, machine, run, write_atomic, write_json
+from granet_fx.export.bench import format_table, machine, run, write_atomic, write_json
 from granet_fx.export.onnx_export import to_onnx
 from granet_fx.models import resnet18
+from granet_fx.report import columns
 
 from common import command
 

@@ -41,9 +41,7 @@ class SparsityReport:
 
     @property
     def global_sparsity(self) -> float:
-        masked = [l for l in self.layers if l.masked]
-        total = sum(l.numel for l in masked)
-        return 1.0 - sum(l.active for l in masked) / total if total else 0.0
+        return global_sparsity(self.layers)
 
     @property
     def layer_density(self) -> dict[str, float]:
@@ -52,19 +50,14 @@ class SparsityReport:
     @property
     def inference_flops(self) -> float | None:
         """Inference FLOPs of the sparse model over those of the dense model."""
-        if not self.layers or any(l.macs is None for l in self.layers):
-            return None
-        dense = sum(l.macs for l in self.layers)
-        return sum(l.macs * l.density for l in self.layers) / dense if dense else 1.0
+        return inference_flops(self.layers)
 
     def __str__(self) -> str:
         rows = [("layer", "kind", "shape", "weights", "density")]
         for l in self.layers:
             density = f"{l.density:.4f}" + ("" if l.masked else " (dense)")
             rows.append((l.name, l.kind, "x".join(map(str, l.shape)), str(l.numel), density))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = columns(rows, rule=True)
         steps = f"{self.step}/{self.total_steps}" if self.total_steps else str(self.step)
         lines.append("")
         lines.append(f"method {self.method}, step {steps}")
@@ -80,3 +73,27 @@ class SparsityReport:
             if train is not None:
                 lines.append(f"training FLOPs so far {train:.4f} x dense")
         return "\n".join(lines)
+
+
+def global_sparsity(layers: list[LayerReport]) -> float:
+    """The fraction of the masked layers' weights that the masks remove (0 without masked layers)."""
+    masked = [l for l in layers if l.masked]
+    total = sum(l.numel for l in masked)
+    return 1.0 - sum(l.active for l in masked) / total if total else 0.0
+
+
+def inference_flops(layers: list[LayerReport]) -> float | None:
+    """Conv/linear multiply-accumulates at the layers' densities over the dense ones; None if not counted."""
+    if not layers or any(l.macs is None for l in layers):
+        return None
+    dense = sum(l.macs for l in layers)
+    return sum(l.macs * l.density for l in layers) / dense if dense else 1.0
+
+
+def columns(rows: list[tuple[str, ...]], rule: bool = False) -> list[str]:
+    """Rows of strings as left-aligned text columns; ``rule`` draws a line under the first row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines

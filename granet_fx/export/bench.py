@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..report import columns
 from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write
 
@@ -273,12 +274,6 @@ def format_table(result: dict) -> str:
         lines += ["", "speedup = baseline median latency / model median latency (p90: the same for p90); "
                   "size and FLOPs vs baseline = model / baseline"]
     return "\n".join(lines)
-
-
-def columns(rows: list[tuple]) -> list[str]:
-    """Rows of strings as left-aligned text columns."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def write_atomic(path: str, text: str) -> None:

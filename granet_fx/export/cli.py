@@ -19,7 +19,7 @@ from torch import nn
 
 from ..passes.ops import WEIGHT_MODULES
 from ..passes.compact import CompactionReport, compact, compaction_report
-from ..report import LayerReport
+from ..report import LayerReport, columns, global_sparsity, inference_flops
 from ..sparsify import MASK_SUFFIX, count_macs
 from .archive import ArchiveError, flat_tensors, export_program, is_archive, load_bytes, read_file
 from .console import ArgumentParser, UsageError, first_line
@@ -352,33 +352,24 @@ def summary(source: Source, dense_bytes: int, sparse_bytes: int, sparse_names: l
     for l in source.layers:
         rows.append((l.name, l.kind, "x".join(map(str, l.shape)), f"{l.numel:,}",
                      f"{l.density:.4f}" + ("" if l.masked else " (dense)")))
-    lines = _table(rows)
+    lines = columns(rows, rule=True)
     masked = [l for l in source.layers if l.masked]
     if masked:
-        density = sum(l.active for l in masked) / sum(l.numel for l in masked)
+        sparsity = global_sparsity(source.layers)
         counted = "kept by the masks" if source.kind == "granet_fx archive" else "nonzero"
-        lines.append(f"global density {density:.4f} ({counted}; sparsity {1 - density:.4f}) "
+        lines.append(f"global density {1 - sparsity:.4f} ({counted}; sparsity {sparsity:.4f}) "
                      f"over {len(masked)} conv/linear weights")
-    if source.layers and all(l.macs is not None for l in source.layers):
-        total = sum(l.macs for l in source.layers)
-        if total:
-            flops = sum(l.macs * l.density for l in source.layers) / total
-            lines.append(f"inference FLOPs {flops:.4f} x dense (conv/linear multiply-accumulates)")
+    flops = inference_flops(source.layers)
+    if flops is not None and any(l.macs for l in source.layers):
+        lines.append(f"inference FLOPs {flops:.4f} x dense (conv/linear multiply-accumulates)")
     lines.append("")
     stored = "dense (--dense-initializers)" if dense_only else f"weights stored sparse: {len(sparse_names)}"
-    lines += _table([
+    lines += columns([
         ("ONNX file", "bytes", "x dense"),
         ("dense weights", f"{dense_bytes:,}", "1.000"),
         ("written", f"{sparse_bytes:,}", f"{sparse_bytes / dense_bytes:.3f}  ({stored})"),
-    ])
+    ], rule=True)
     return "\n".join(lines)
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
 
 
 if __name__ == "__main__":
