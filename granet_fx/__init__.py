@@ -19,5 +19,5 @@ __all__ = [
     "SparsityReport", "sparse_info", "sparsify",
     "RunRecorder", "plot_report",
     "load_checkpoint", "save_checkpoint",
+    "ArchiveError", "SavedModel", "fold", "load", "save",
 ]
-__all__ += ["ArchiveError", "SavedModel", "fold", "load", "save"]

@@ -101,6 +101,9 @@ def test_bad_files_exit_2_with_one_line(tmp_path, capsys):
     assert previous.read_text() == '{"old": true}', "an existing output is not damaged"
     assert bench.main([str(tmp_path / "missing.onnx")]) == 2
     assert "no such file" in one_line_error(capsys)
+    # an output it cannot write is refused before anything is measured
+    assert bench.main([tiny_model(tmp_path / "ok.onnx"), "--json", str(tmp_path / "no" / "out.json")]) == 2
+    assert "--json" in one_line_error(capsys)
     fixed = tiny_model(tmp_path / "fixed.onnx", batch=1)
     assert bench.main([fixed, "--batch", "4", "--runs", "1"]) == 2
     assert "fixed batch size of 1" in one_line_error(capsys)

@@ -20,19 +20,19 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..report import columns
 from .console import ArgumentParser, UsageError, first_line
-from .files import atomic_write
+from .files import atomic_write, check_writable
 
 PROG = "granet-bench"
 
 
-class BenchError(Exception):
+class BenchError(UsageError):
     """A problem with the user's input: reported in one line, exit code 2."""
 
 
@@ -41,7 +41,6 @@ class OnnxModel:
     path: str
     file_bytes: int
     flops: int | None          # per sample; None when some shapes are unknown
-    inputs: list = field(default_factory=list)
 
 
 def load(path: str) -> OnnxModel:
@@ -63,7 +62,10 @@ def load(path: str) -> OnnxModel:
     size += sum(os.path.getsize(os.path.join(folder, f)) for f in external if os.path.isfile(os.path.join(folder, f)))
     macs = count_macs(model)
     if macs is None and external:  # shape inference may need small constants stored outside the file
-        macs = count_macs(onnx.load(path))
+        try:
+            macs = count_macs(onnx.load(path))
+        except Exception as e:
+            raise BenchError(f"{path}: cannot read its external data ({first_line(e)})") from e
     return OnnxModel(path, size, None if macs is None else 2 * macs)
 
 
@@ -330,10 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     try:
         args = parser.parse_args(argv)
+        problem = check_writable(args.json) if args.json else None
+        if problem:
+            raise UsageError(f"--json: cannot write {args.json}: {problem}")
         result = run(args.model, args.baseline, args.batch, args.threads, args.warmup, args.runs, _progress_bar)
         if args.json:
             write_json(result, args.json)
-    except (UsageError, BenchError) as e:
+    except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))

@@ -286,14 +286,18 @@ def _module_from_state_dict(path: str, state: object, factory: str) -> nn.Module
     module = _call_factory(factory)
     masks = {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
     masks = {k: v for k, v in masks.items() if k in state}
-    weights = {k: v for k, v in state.items() if k[: -len(MASK_SUFFIX)] not in masks}
+    mask_keys = {k + MASK_SUFFIX for k in masks}
+    weights = {k: v for k, v in state.items() if k not in mask_keys}
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
         raise UsageError(f"{path} does not fit {factory}(): {first_line(e)} {_rest(e)}".strip()) from None
     with torch.no_grad():
         for name, mask in masks.items():
-            module.get_parameter(name).mul_(mask)
+            try:
+                module.get_parameter(name).mul_(mask)
+            except (AttributeError, RuntimeError) as e:
+                raise UsageError(f"{path}: {name}{MASK_SUFFIX} does not fit {name}: {first_line(e)}") from None
     return module
 
 

@@ -14,6 +14,8 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
+from .console import first_line
+
 
 class ExportError(RuntimeError):
     """torch.onnx.export failed, or did not give what was asked for."""
@@ -36,8 +38,7 @@ def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) 
             warnings.simplefilter("ignore")
             exported = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
     except Exception as e:
-        lines = str(e).strip().splitlines()
-        raise ExportError(f"torch.onnx.export failed: {lines[0] if lines else type(e).__name__}") from None
+        raise ExportError(f"torch.onnx.export failed: {first_line(e)}") from None
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
@@ -74,11 +75,10 @@ def check(model: onnx.ModelProto, *, full: bool = True) -> None:
     onnx.checker.check_model(model, full_check=full)
 
 
-def run_onnxruntime(model: bytes, inputs: Sequence[torch.Tensor], threads: int = 0) -> list[np.ndarray]:
+def run_onnxruntime(model: bytes, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Run a serialized ONNX model once in onnxruntime (CPU) on ``inputs``, in the graph's input order."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):

@@ -75,7 +75,8 @@ def store_sparse(model: onnx.ModelProto, layout: str = "constant") -> tuple[onnx
     if layout == "initializer":
         graph.sparse_initializer.extend(sparse)
         # Their value_info says dense tensor; a sparse initializer is typed as a sparse tensor.
-        kept = [v for v in graph.value_info if v.name not in set(names)]
+        stored = set(names)
+        kept = [v for v in graph.value_info if v.name not in stored]
         del graph.value_info[:]
         graph.value_info.extend(kept)
     else:

@@ -30,6 +30,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from ..export.console import first_line
 from .trace import training_mode
 
 aten = torch.ops.aten
@@ -164,10 +165,9 @@ def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             warnings.simplefilter("ignore")
             program = torch.export.export(model, example_inputs, strict=False)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"granet_fx: torch.export cannot capture {type(model).__name__} whole, which channel analysis "
-            f"needs: {first}"
+            f"needs: {first_line(e)}"
         ) from e
     return program.module()
 
