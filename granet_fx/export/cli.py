@@ -17,14 +17,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..passes.ops import WEIGHT_MODULES
 from ..passes.compact import CompactionReport, compact, compaction_report
 from ..report import LayerReport, columns, global_sparsity, inference_flops
-from ..sparsify import MASK_SUFFIX, count_macs
-from .archive import ArchiveError, flat_tensors, export_program, is_archive, load_bytes, read_file
+from ..sparsify import MASK_SUFFIX
+from .archive import (ArchiveError, export_program, is_archive, load_bytes, named_outputs, plain_layer_reports,
+                      read_file)
 from .console import ArgumentParser, UsageError, first_line
-from .files import atomic_write, check_writable
-from .onnx_export import ExportError, check, max_abs_error, run_onnxruntime, to_onnx
+from .files import atomic_write, check_writable, same_file
+from .onnx_export import ExportError, check, max_abs_error, rename_outputs, run_onnxruntime, to_onnx
+from .safe_zip import ZipProblem, read_entries, write_entries
 from .sparse_initializers import LAYOUTS, store_sparse
 
 DESCRIPTION = """\
@@ -33,7 +34,8 @@ sparse tensor (int64 positions + values), then check the file with
 onnx.checker and run it in onnxruntime against reference outputs.
 
 MODEL is one of:
-  - a file written by granet_fx.save (holds example inputs and reference outputs);
+  - a file written by granet_fx.save (holds example inputs and reference outputs;
+    it loads without the package that defined the model);
   - a state_dict checkpoint (read with torch.load(weights_only=True)), with
     --model package.module:factory and --input-shape; mask buffers
     ("<weight>_mask") in it are multiplied into their weights;
@@ -59,6 +61,7 @@ class Source:
     dynamic_batch: bool                      # whether ``program`` already has a dynamic batch
     inputs: tuple[torch.Tensor, ...]
     reference: list[torch.Tensor]
+    output_names: list[str]                  # the ONNX outputs' names
     layers: list[LayerReport]
 
 
@@ -111,6 +114,8 @@ def _progress(message: str) -> None:
 
 
 def _export(args) -> int:
+    if same_file(args.model, args.output):
+        raise UsageError(f"the output {args.output} is the input file; choose another name")
     problem = check_writable(args.output)
     if problem:
         raise UsageError(f"cannot write {args.output}: {problem}")
@@ -128,6 +133,7 @@ def _export(args) -> int:
         dense = to_onnx(_program(source, args.dynamic_batch), opset=args.opset)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    rename_outputs(dense, source.output_names)
     final, sparse_names = dense, []
     if not args.dense_initializers:
         _progress(f"storing weights sparse ({args.sparse_layout} layout)")
@@ -196,8 +202,8 @@ def read_source(args) -> Source:
             raise UsageError(f"{args.model} is a granet_fx archive: --model, --input-shape and --trust-pickle "
                            "apply to checkpoints only")
         saved = load_bytes(data, args.model)
-        return Source("granet_fx archive", None, saved.program, saved.dynamic_batch,
-                      saved.example_inputs, saved.reference_outputs, saved.layers)
+        return Source(f"granet_fx archive ({saved.kind} model)", None, saved.program, saved.dynamic_batch,
+                      saved.example_inputs, saved.reference_outputs, saved.output_names, saved.layers)
     if not _is_torch_file(data):
         raise UsageError(f"{args.model} is not a granet_fx archive or a PyTorch checkpoint "
                        "(truncated, or a file from another tool)")
@@ -205,10 +211,13 @@ def read_source(args) -> Source:
         raise UsageError("--input-shape is required for a checkpoint (the model's input shape, e.g. 1,3,32,32)")
     shapes = [_parse_shape(s) for s in args.input_shape]
     try:
+        checked = _checked_torch_zip(args.model, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. about the pickle protocol: the error says what matters
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            obj = torch.load(io.BytesIO(checked), weights_only=True, map_location="cpu")
         kind = "state_dict"
+    except UsageError:
+        raise
     except Exception as e:
         if not _holds_python_objects(data, e):
             raise UsageError(f"{args.model} is a damaged PyTorch checkpoint: {first_line(e)}") from None
@@ -230,11 +239,21 @@ def read_source(args) -> Source:
     inputs = tuple(torch.randn(shape, generator=generator) for shape in shapes)
     try:
         with torch.no_grad():
-            reference = flat_tensors(module(*inputs))
+            names, reference = named_outputs(module(*inputs))
     except Exception as e:
         shown = " and ".join(",".join(map(str, s)) for s in shapes)
         raise UsageError(f"the model does not take input shape {shown}: {first_line(e)}") from None
-    return Source(kind, module, None, False, inputs, reference, _layer_reports(module, inputs))
+    return Source(kind, module, None, False, inputs, reference, names, plain_layer_reports(module, inputs))
+
+
+def _checked_torch_zip(path: str, data: bytes) -> bytes:
+    """A torch.save zip rebuilt from its checked entries (see safe_zip), or a legacy pickle stream as it is."""
+    if data[:4] != b"PK\x03\x04":
+        return data
+    try:
+        return write_entries(read_entries(data))
+    except ZipProblem as e:
+        raise UsageError(f"{path} is not a valid PyTorch checkpoint: {e}") from None
 
 
 def _is_torch_file(data: bytes) -> bool:
@@ -338,18 +357,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _layer_reports(module: nn.Module, inputs: tuple) -> list[LayerReport]:
-    """Conv/linear weights of a plain module, their density counted by nonzeros."""
-    macs = count_macs(module, inputs)
-    reports = []
-    for name, m in module.named_modules():
-        if isinstance(m, WEIGHT_MODULES):
-            w = m.weight
-            reports.append(LayerReport(f"{name}.weight" if name else "weight", type(m).__name__.lower(),
-                                       tuple(w.shape), w.numel(), int(torch.count_nonzero(w)), True, macs.get(id(w))))
-    return reports
-
-
 # The summary -------------------------------------------------------------------
 def summary(source: Source, dense_bytes: int, sparse_bytes: int, sparse_names: list[str], dense_only: bool) -> str:
     rows = [("layer", "kind", "shape", "weights", "density")]
@@ -360,7 +367,7 @@ def summary(source: Source, dense_bytes: int, sparse_bytes: int, sparse_names: l
     masked = [l for l in source.layers if l.masked]
     if masked:
         sparsity = global_sparsity(source.layers)
-        counted = "kept by the masks" if source.kind == "granet_fx archive" else "nonzero"
+        counted = "kept by the masks" if source.kind.startswith("granet_fx archive (sparse") else "nonzero"
         lines.append(f"global density {1 - sparsity:.4f} ({counted}; sparsity {sparsity:.4f}) "
                      f"over {len(masked)} conv/linear weights")
     flops = inference_flops(source.layers)

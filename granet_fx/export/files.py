@@ -1,8 +1,9 @@
-"""Writing files so that an existing file is replaced whole or not at all."""
+"""Files as data: written so that an existing file is replaced whole or not at all, read within a size limit."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 
@@ -56,3 +57,52 @@ def _new_file_mode(path: str) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+MAX_FILE_BYTES = int(os.environ.get("GRANET_FX_MAX_FILE_BYTES", 4 << 30))
+
+
+class FileReadError(ValueError):
+    """A file that cannot be read whole as data; the message names it and says why."""
+
+
+def read_bounded(path: str | os.PathLike, *, limit: int = MAX_FILE_BYTES, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, refused by its type and size before reading.
+
+    A special file (``/dev/zero``, a pipe), a folder, an empty file or one
+    larger than ``limit`` bytes gets a ``FileReadError`` naming the problem,
+    so nothing unbounded is ever read into memory.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileReadError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FileReadError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise FileReadError(f"{path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise FileReadError(f"{path} is not a regular file (a device, pipe or socket); refusing to read it")
+    if info.st_size == 0:
+        raise FileReadError(f"{path} is empty")
+    if info.st_size > limit:
+        raise FileReadError(f"{path} is {info.st_size:,} bytes, more than the {limit:,} a {what} may have "
+                            "(set GRANET_FX_MAX_FILE_BYTES to allow more)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise FileReadError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise FileReadError(f"{path} grew past {limit:,} bytes while it was read")
+    if not data:
+        raise FileReadError(f"{path} is empty")
+    return data
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the paths name one existing file (an output that would overwrite its own input)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

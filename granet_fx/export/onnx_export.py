@@ -87,7 +87,8 @@ def run_onnxruntime(model: bytes, inputs: Sequence[torch.Tensor]) -> list[np.nda
 
 
 def max_abs_error(actual: Sequence[np.ndarray], expected: Sequence[torch.Tensor]) -> float:
-    """Largest ``|actual - expected|`` over all outputs; inf when their number or shapes differ."""
+    """Largest ``|actual - expected|`` over all outputs; inf when their number or shapes differ,
+    NaN when any difference is NaN (so that ``error <= limit`` fails)."""
     if len(actual) != len(expected):
         return float("inf")
     worst = 0.0
@@ -96,5 +97,39 @@ def max_abs_error(actual: Sequence[np.ndarray], expected: Sequence[torch.Tensor]
         if a.shape != e.shape:
             return float("inf")
         if a.size:
-            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))))
+            diff = float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64))))
+            if diff != diff:
+                return float("nan")
+            worst = max(worst, diff)
     return worst
+
+
+def rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Give the graph's outputs ``names`` (in order), renaming any other value that already has one of them."""
+    graph = model.graph
+    if len(names) != len(graph.output):
+        raise ExportError(f"the ONNX model has {len(graph.output)} outputs, but {len(names)} output names are stored")
+    fixed = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    used = fixed | {o for node in graph.node for o in node.output}
+    for output, name in zip(graph.output, names):
+        if output.name == name or output.name in fixed:
+            continue
+        if name in used:                       # another value has the name: move it aside first
+            spare = next(f"{name}_{k}" for k in range(1, len(used) + 2) if f"{name}_{k}" not in used)
+            if name in fixed:
+                continue
+            _rename_value(graph, name, spare)
+            used.add(spare)
+        _rename_value(graph, output.name, name)
+        used.add(name)
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for i, value in enumerate(field):
+                if value == old:
+                    field[i] = new
+    for value in list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
