@@ -187,3 +187,119 @@ def test_bad_files_get_one_clear_error(saved, tmp_path, kind):
     with pytest.raises(gf.ArchiveError, match=words) as info:
         gf.load(target)
     assert str(target) in str(info.value) and "\n" not in str(info.value)
+
+
+# Issue: a saved file is self-contained, whatever module it holds ------------------------------------
+FRESH_LOAD = """
+import sys, torch, granet_fx as gf
+saved = gf.load(sys.argv[1])
+assert "transformers" not in sys.modules, "loading imported the model's package"
+outputs = saved.module()(*saved.example_inputs)
+assert isinstance(outputs, tuple) and len(outputs) == len(saved.reference_outputs)
+print(saved.kind, ",".join(saved.output_names),
+      max(float((a - b).abs().max()) for a, b in zip(outputs, saved.reference_outputs)))
+"""
+
+
+def test_a_transformers_model_loads_in_a_process_that_never_imported_transformers(tmp_path):
+    import subprocess
+    import sys
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = gf.sparsify(transformers.GPT2LMHeadModel(config), gf.GraNetConfig(final_sparsity=0.5, total_steps=4))
+    ids = torch.randint(0, 50, (2, 6))
+    path = tmp_path / "gpt2.pt2"
+    gf.save(model, path, example_inputs=(ids,))
+    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    kind, names, error = result.stdout.split()
+    assert kind == "sparse" and names == "logits"     # CausalLMOutput's key, stored flat
+    assert float(error) == 0.0
+    with torch.no_grad():                               # the stored reference is the model's own output
+        assert torch.equal(gf.load(path).reference_outputs[0], model.eval()(ids).logits)
+
+
+def test_dense_and_compacted_models_are_saved_and_say_so(tmp_path):
+    torch.manual_seed(0)
+    dense = SmallCNN().eval()
+    with torch.no_grad():
+        dense.conv2.weight[:, :, 0] = 0.0               # 1/3 of conv2's weights are zero
+    x = torch.randn(2, 1, 12)
+    gf.save(dense, tmp_path / "dense.pt2", example_inputs=(x,))
+    saved = gf.load(tmp_path / "dense.pt2")
+    assert saved.kind == "dense" and saved.config is None
+    conv2 = next(l for l in saved.layers if l.name == "conv2.weight")
+    assert conv2.numel == 16 * 8 * 3 and conv2.active == 16 * 8 * 2   # counted by nonzeros
+    with torch.no_grad():
+        assert torch.equal(saved.module()(x)[0], dense(x))
+
+    sparse = gf.sparsify(SmallCNN(), gf.GraNetConfig(granularity="channel", final_sparsity=0.5, total_steps=10,
+                                                     update_every=5), example_inputs=(x,))
+    granet = gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1))
+    for _ in range(10):
+        sparse(x).sum().backward()
+        granet.step()
+    small = gf.compact(sparse, (x,))
+    gf.save(small, tmp_path / "small.pt2", example_inputs=(x,))
+    saved = gf.load(tmp_path / "small.pt2")
+    assert saved.kind == "compacted" and saved.config is None
+    with torch.no_grad():
+        assert torch.allclose(saved.module()(x)[0], sparse.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_an_archive_of_the_old_format_asks_to_be_saved_again(saved, tmp_path):
+    *_, path = saved
+    with zipfile.ZipFile(path) as z:
+        metadata = json.loads(z.read(next(n for n in z.namelist() if n.endswith(METADATA))))
+    metadata["version"] = 1
+    old = tmp_path / "old.pt2"
+    old.write_bytes(rewrite(path.read_bytes(), {METADATA: json.dumps(metadata).encode()}))
+    with pytest.raises(gf.ArchiveError, match="older granet_fx.*re-save"):
+        gf.load(old)
+
+
+@torch.library.custom_op("granet_fx_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.ops.granet_fx_test.twice(self.fc(x))
+
+
+def test_a_custom_operator_is_refused_at_save_by_name(tmp_path):
+    target = tmp_path / "model.pt2"
+    with pytest.raises(ValueError, match="granet_fx_test::twice"):
+        gf.save(UsesCustomOp(), target, example_inputs=(torch.randn(2, 3),))
+    assert not target.exists() and not os.listdir(tmp_path)
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) / 0.0 * 0.0                   # NaN everywhere
+
+
+def test_outputs_that_are_not_finite_are_refused_at_save(tmp_path):
+    with pytest.raises(ValueError, match="not all finite"):
+        gf.save(Broken(), tmp_path / "model.pt2", example_inputs=(torch.randn(2, 3),))
+    assert not os.listdir(tmp_path)

@@ -47,10 +47,16 @@ def mlp_checkpoint(tmp_path_factory):
     return model.eval(), path
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
 def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    """granet-export as a user runs it: a fresh interpreter (the tests folder importable, for --model helpers:MLP)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "granet_fx.export.cli", *map(str, argv)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout, result.stderr
 
 
 def test_archive_to_onnx(archive, tmp_path, capsys):
@@ -276,3 +282,36 @@ def numpy_helper_dims(model, name):
         if t.name == name:
             return t.dims[0]
     return sparse_tensors(model)[name].dims[0]
+
+
+def test_the_output_may_not_be_the_input(archive, tmp_path, capsys):
+    *_, path = archive
+    copy = tmp_path / "model.pt2"
+    copy.write_bytes(path.read_bytes())
+    code, out, err = run(capsys, copy, "-o", copy)
+    assert code == 2 and "is the input file" in err and len(err.strip().splitlines()) == 1
+    assert copy.read_bytes() == path.read_bytes() and os.listdir(tmp_path) == ["model.pt2"]
+
+
+def test_onnx_outputs_are_named_after_the_model_outputs(tmp_path, capsys):
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"scores": y, "extra": (y.relu(), y.sum(-1))}
+
+    model = TwoHeads().eval()
+    x = torch.randn(2, 4)
+    gf.save(model, tmp_path / "m.pt2", example_inputs=(x,))
+    code, out, err = run(capsys, tmp_path / "m.pt2", "-o", tmp_path / "m.onnx")
+    assert code == 0, err
+    names = [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output]
+    assert names == ["scores", "extra.0", "extra.1"]     # torch's pytree order of a dict: insertion order
+    ys = run_onnxruntime((tmp_path / "m.onnx").read_bytes(), [x])
+    with torch.no_grad():
+        expected = model(x)
+    for y, e in zip(ys, [expected["scores"], expected["extra"][0], expected["extra"][1]]):
+        assert np.allclose(y, e.numpy(), rtol=0, atol=1e-6)

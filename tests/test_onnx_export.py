@@ -137,3 +137,14 @@ def test_exporter_debug_annotations_are_dropped(exported):
     keys |= {kv.key for v in dense.graph.value_info for kv in v.metadata_props}
     assert not any(k == "namespace" or k.startswith("pkg.torch.onnx.") for k in keys)
     assert b"stack_trace" not in dense.SerializeToString()
+
+
+def test_a_nan_anywhere_fails_the_parity_check():
+    from granet_fx.export.onnx_export import max_abs_error
+    good = np.array([1.0, 2.0], dtype=np.float32)
+    bad = np.array([1.0, np.nan], dtype=np.float32)
+    reference = [torch.tensor([1.0, 2.5])]
+    assert max_abs_error([good], reference) == 0.5
+    error = max_abs_error([bad, good], reference + reference)   # the NaN comes first, a finite error after it
+    assert not error <= 1e9
+    assert not max_abs_error([good, bad], reference + reference) <= 1e9

@@ -151,6 +151,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any) -> N
     layers = (_layer_reports(model, plain, inputs) if kind == "sparse" else plain_layer_reports(plain, inputs))
     _flatten_outputs(plain)
     program, dynamic = export_program(plain, inputs, dynamic_batch=None)
+    if _custom_ops(program) and hasattr(plain, "set_experts_implementation"):
+        # transformers' mixture-of-experts layers dispatch to a custom operator by default;
+        # their "batched_mm" implementation computes the same with standard batched matmuls.
+        plain.set_experts_implementation("batched_mm")
+        with torch.no_grad():
+            again = plain(*inputs)
+        if all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(again, outputs)):
+            program, dynamic = export_program(plain, inputs, dynamic_batch=None)
     program = _standard_ops_only(program)
     program.example_inputs = None  # torch would pickle them; the metadata keeps them as raw bytes
     program._guards_code = []      # torch would exec them when loading; shapes are checked by the graph itself
@@ -451,10 +459,12 @@ def named_outputs(outputs: Any) -> tuple[list[str], list[torch.Tensor]]:
     for keys, leaf in leaves:
         if leaf is None:
             continue
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError("the model's outputs must be tensors (or lists, tuples, dicts and ModelOutputs of tensors)")
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys]
         name = ".".join(parts) if parts else "output"
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"the model's output {name} is a {type(leaf).__name__}, not a tensor: outputs must be "
+                            "tensors (or tuples, lists, dicts and ModelOutputs of tensors); for a transformers "
+                            "model that returns a cache, build it with use_cache=False")
         names.append(f"output_{name}" if name[0].isdigit() else name)
         tensors.append(leaf.detach().cpu())
     return names, tensors
@@ -488,25 +498,27 @@ def _flatten_outputs(module: nn.Module) -> None:
     module.__class__ = flat
 
 
+def _custom_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """The operators in ``program`` outside ATen and prims (``namespace::name``)."""
+    return sorted({f"{n.target.namespace}::{n.target._opname}" for n in program.graph.nodes
+                   if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                   and n.target.namespace not in ("aten", "prims")})
+
+
 def _standard_ops_only(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``program`` with only ATen/prims operators, decomposing what can be; else a ValueError naming the rest."""
-    def custom(p):
-        return sorted({f"{n.target.namespace}::{n.target._opname}" for n in p.graph.nodes
-                       if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                       and n.target.namespace not in ("aten", "prims")})
-    if not custom(program):
+    if not _custom_ops(program):
         return program
     try:
         program = program.run_decompositions({})
     except Exception:
         pass
-    left = custom(program)
+    left = _custom_ops(program)
     if left:
         raise ValueError(
             f"the model calls the custom operator{'s' if len(left) > 1 else ''} {', '.join(left)}, which a saved "
             "file cannot hold (loading it would need the package that defines it) and which does not decompose "
-            "into standard operators; make the model use standard PyTorch operators (for a transformers "
-            "mixture-of-experts model: model.set_experts_implementation('eager'))")
+            "into standard operators; make the model use standard PyTorch operators instead")
     return program
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from typing import Sequence
 
@@ -24,10 +25,34 @@ class ExportError(RuntimeError):
 def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) -> onnx.ModelProto:
     """Export ``program`` with ``torch.onnx.export(dynamo=True)``, without its console output.
 
+    When the exporter fails, the program is made portable and exported once
+    more: every ``view`` becomes a ``reshape`` and the program is decomposed
+    to core ATen first. (transformers' SDPA attention records a ``view`` that
+    is valid for the fused kernel's output strides but not for the exporter's
+    own decomposition; the dense model fails the same way.)
+
     The IR version is set to the lowest one that the opsets need (the exporter
     may write a newer one than onnxruntime reads). Raises ``ExportError`` when
-    the export fails, ``ValueError`` when the exporter cannot write ``opset``.
+    the export fails, naming the operator and source line it failed on where
+    the exporter says, and ``ValueError`` when the exporter cannot write ``opset``.
     """
+    try:
+        exported = _quiet_export(program, opset)
+    except Exception as first:
+        try:
+            exported = _quiet_export(_portable(program), opset)
+        except Exception:
+            raise ExportError(f"torch.onnx.export failed{_where(first)}: {first_line(first)}") from None
+    model = exported.model_proto
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:
+        raise ValueError(f"torch.onnx.export cannot write opset {opset} for this model (it wrote opset {got})")
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    strip_exporter_metadata(model)
+    return model
+
+
+def _quiet_export(program: torch.export.ExportedProgram, opset: int | None):
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
     levels = [logger.level for logger in quiet]
     captured = io.StringIO()
@@ -36,19 +61,28 @@ def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) 
             logger.setLevel(logging.CRITICAL)
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             warnings.simplefilter("ignore")
-            exported = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
-    except Exception as e:
-        raise ExportError(f"torch.onnx.export failed: {first_line(e)}") from None
+            return torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
-    model = exported.model_proto
-    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and got != opset:
-        raise ValueError(f"torch.onnx.export cannot write opset {opset} for this model (it wrote opset {got})")
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    strip_exporter_metadata(model)
-    return model
+
+
+def _portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` (changed in place, same results) with reshapes for views, decomposed to core ATen."""
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    program.graph_module.recompile()
+    return program.run_decompositions()
+
+
+def _where(e: Exception) -> str:
+    """" at <operator> (<file>:<line>)" from an exporter error's text, where it says."""
+    text = str(e)
+    op = re.findall(r"target=([\w.:]+)", text)
+    files = re.findall(r'File "[^"]*?([\w-]+\.py)", line (\d+)', text)
+    parts = ([op[-1]] if op else []) + ([f"{files[-1][0]}:{files[-1][1]}"] if files else [])
+    return f" at {' in '.join(parts)}" if parts else ""
 
 
 def _is_exporter_annotation(key: str) -> bool:
