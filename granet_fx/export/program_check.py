@@ -19,6 +19,7 @@ import tokenize
 from typing import Any, Iterator
 
 MAX_DEPTH = 200                  # nesting of the graph JSON; torch.export writes about 20
+MAX_JSON_BYTES = 512 << 20
 MAX_EXPR_CHARS = 2000
 MAX_EXPR_DEPTH = 32
 
@@ -59,8 +60,10 @@ class ProgramProblem(ValueError):
     """A part of the archive that ``gf.save`` would not have written; the message says which."""
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """``data`` as JSON, with its nesting bounded; ``ProgramProblem`` naming ``what`` otherwise."""
+def parse_json(data: bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """``data`` as JSON, with its size and nesting bounded; ``ProgramProblem`` naming ``what`` otherwise."""
+    if len(data) > max_bytes:
+        raise ProgramProblem(f"{what} is {len(data):,} bytes of JSON, more than the {max_bytes:,} allowed")
     try:
         value = json.loads(data)
     except RecursionError:
