@@ -315,3 +315,36 @@ def test_onnx_outputs_are_named_after_the_model_outputs(tmp_path, capsys):
         expected = model(x)
     for y, e in zip(ys, [expected["scores"], expected["extra"][0], expected["extra"][1]]):
         assert np.allclose(y, e.numpy(), rtol=0, atol=1e-6)
+
+
+def test_int8_quantization_with_a_calibration_set(archive, tmp_path, capsys):
+    model, _, path = archive
+    torch.manual_seed(1)
+    calibration = torch.randn(64, 1, 12)
+    np.savez(tmp_path / "calib.npz", calibration.numpy())
+    out_file = tmp_path / "int8.onnx"
+    code, out, err = run(capsys, path, "-o", out_file, "--quantize", "int8", "--calibration", tmp_path / "calib.npz",
+                         "--min-agreement", "0.5", "--dynamic-batch")
+    assert code == 0, err
+    int8 = onnx.load(out_file)
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the agreement it reports, computed here independently: argmax of int8 vs the float model in torch
+    test = torch.randn(200, 1, 12)
+    y8 = run_onnxruntime(out_file.read_bytes(), [test])[0]
+    with torch.no_grad():
+        y = model(test).numpy()
+    assert np.mean(y8.argmax(-1) == y.argmax(-1)) >= 0.8
+    assert np.max(np.abs(y8 - y)) < 0.25 * np.max(np.abs(y))        # int8 is close, not exact
+    assert "top-1 agreement" in out and "64 calibration sample" in out
+
+
+def test_int8_agreement_below_the_minimum_writes_nothing(archive, tmp_path, capsys):
+    *_, path = archive
+    code, out, err = run(capsys, path, "-o", tmp_path / "int8.onnx", "--quantize", "int8", "--min-agreement", "1.01")
+    assert code == 2 and "--min-agreement" in err
+    np.savez(tmp_path / "two.npz", np.zeros((4, 1, 12), np.float32), np.zeros((4, 3), np.float32))
+    code, out, err = run(capsys, path, "-o", tmp_path / "int8.onnx", "--quantize", "int8",
+                         "--calibration", tmp_path / "two.npz")
+    assert code == 2 and "holds 2 arrays; the model takes 1" in err and len(err.strip().splitlines()[-1:]) == 1
+    assert not (tmp_path / "int8.onnx").exists()

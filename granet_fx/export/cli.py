@@ -25,6 +25,7 @@ from .archive import (ArchiveError, export_program, is_archive, load_bytes, name
 from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write, check_writable, same_file
 from .onnx_export import ExportError, check, max_abs_error, rename_outputs, run_onnxruntime, to_onnx
+from .quantize import agreement, load_calibration, quantize_int8
 from .safe_zip import ZipProblem, read_entries, write_entries
 from .sparse_initializers import LAYOUTS, store_sparse
 
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="remove the channels that compute nothing first (granet_fx.compact): a smaller dense "
                         "model that runs faster; checked against the same reference outputs")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="int8: onnxruntime static quantization (per-channel int8 weights, uint8 activations, "
+                        "QDQ), after --compact if given; weights stay dense; checked by top-1 agreement")
+    p.add_argument("--calibration", metavar="DATA.npz",
+                   help="with --quantize: calibration inputs, one array per model input with samples on axis 0 "
+                        "(default: the archive's example inputs)")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
+                   help="with --quantize: smallest allowed top-1 agreement with the float model (default 0.99)")
     p.add_argument("--tolerance", type=float, default=1e-4, metavar="T",
                    help="largest allowed |onnxruntime - reference|, times max(1, max |reference|) (default 1e-4)")
     return p
@@ -95,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not args.tolerance >= 0:
             raise UsageError(f"--tolerance must be >= 0; got {args.tolerance}")
+        if (args.calibration or args.min_agreement != 0.99) and not args.quantize:
+            raise UsageError("--calibration and --min-agreement apply to --quantize int8 only")
+        if not 0 <= args.min_agreement <= 1:
+            raise UsageError(f"--min-agreement must be in [0, 1]; got {args.min_agreement}")
         return _export(args)
     except (UsageError, ArchiveError) as e:
         print(f"granet-export: error: {e}", file=sys.stderr)
@@ -135,7 +148,7 @@ def _export(args) -> int:
         raise UsageError(str(e)) from None
     rename_outputs(dense, source.output_names)
     final, sparse_names = dense, []
-    if not args.dense_initializers:
+    if not args.dense_initializers and not args.quantize:
         _progress(f"storing weights sparse ({args.sparse_layout} layout)")
         final, sparse_names = store_sparse(dense, args.sparse_layout)
     full = args.dense_initializers or args.sparse_layout == "constant"
@@ -160,6 +173,8 @@ def _export(args) -> int:
           f"(tolerance {args.tolerance:g} x max(1, max|reference|) = {limit:.3g})")
     if not error <= limit:
         raise ExportError(f"onnxruntime outputs differ from the reference by {error:.3g} > {limit:.3g}; nothing written")
+    if args.quantize:
+        data = _quantized(args, data, source)
     _progress(f"writing {args.output}")
     try:
         atomic_write(args.output, data)
@@ -168,6 +183,36 @@ def _export(args) -> int:
     print(SPEED_NOTE if compaction is None else COMPACT_NOTE)
     print(f"wrote {args.output} ({len(data):,} bytes) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _quantized(args, float_model: bytes, source: Source) -> bytes:
+    """The float ONNX model quantized to int8, checked by top-1 agreement on the calibration inputs."""
+    import numpy as np
+    import onnx
+
+    if args.calibration:
+        try:
+            calibration = load_calibration(args.calibration, len(source.inputs))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        calibration = [[t.numpy() for t in source.inputs]]
+    fixed = onnx.load_from_string(float_model).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    if fixed:   # a model with a fixed batch size is calibrated in batches of that size
+        arrays = [np.concatenate(parts) for parts in zip(*calibration)]
+        calibration = [[a[i:i + fixed] for a in arrays] for i in range(0, len(arrays[0]) - fixed + 1, fixed)]
+    _progress(f"quantizing to int8 (onnxruntime static quantization, "
+              f"{sum(len(b[0]) for b in calibration)} calibration sample(s))")
+    int8 = quantize_int8(onnx.load_from_string(float_model), calibration).SerializeToString()
+    result = agreement(float_model, int8, calibration)
+    print(result)
+    if result.top1 is not None and not result.top1 >= args.min_agreement:
+        raise ExportError(f"int8 top-1 agreement {result.top1:.2%} is below --min-agreement "
+                          f"{args.min_agreement:.2%}; nothing written")
+    if not result.max_abs_error == result.max_abs_error:
+        raise ExportError("the int8 model gives NaN outputs; nothing written")
+    print(f"int8 file: {len(int8):,} bytes ({len(int8) / len(float_model):.3f} x the float file)")
+    return int8
 
 
 def _compacted(source: Source) -> tuple[Source, CompactionReport]:
