@@ -125,6 +125,46 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     return kept
 
 
+def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
+                         masks: Sequence[torch.Tensor], keep: int, select_ratio: float = 0.5) -> list[torch.Tensor]:
+    """FGGP's pruning step: keep ``keep`` active entries, choosing what goes gradient first, then by magnitude.
+
+    The candidates are the ``select_ratio`` share of all active entries with
+    the smallest ``|gradient|`` (over all layers together: a fixed rate, not
+    annealed); of those, the ones with the smallest ``scores`` go. Should the
+    candidates be fewer than the entries to drop, they are widened to that
+    many. Ties go by position and no layer is emptied, as in ``prune_global``:
+    should the choice empty a layer, every layer keeps its best-scored entry
+    and the others are chosen from the rest.
+    """
+    counts = [int(torch.count_nonzero(m)) for m in masks]
+    total = sum(counts)
+    n_drop = total - max(keep, sum(c > 0 for c in counts))
+    if n_drop <= 0:
+        return [m.clone() for m in masks]
+    grads = [g.detach().abs() for g in gradients]
+    size = max(int(select_ratio * total), n_drop)
+
+    def without_dropped(pool: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+        candidates = [m & ~k for m, k in zip(pool, _keep_above(grads, pool, min(size, count), count))]
+        spared = _keep_above(scores, candidates, n_drop, min(size, count))
+        return [m & ~(c & ~k) for m, c, k in zip(pool, candidates, spared)]
+
+    kept = without_dropped(masks, total)
+    if all(k.any() for k, c in zip(kept, counts) if c):
+        return kept
+    best = [_best(s, m) if c else None for s, m, c in zip(scores, masks, counts)]   # as in prune_global
+    rest = [m.clone() for m in masks]
+    for r, b in zip(rest, best):
+        if b is not None:
+            r.view(-1)[b] = False
+    kept = without_dropped(rest, total - sum(b is not None for b in best))
+    for k, b in zip(kept, best):
+        if b is not None:
+            k.view(-1)[b] = True
+    return kept
+
+
 def _keep_above(scores, masks, n_drop: int, count: int) -> list[torch.Tensor]:
     """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
     value, _, not_above = _kth_smallest(scores, masks, n_drop, count)
