@@ -28,7 +28,9 @@ def _choices(values) -> str:
 class GraNetConfig:
     """How to sparsify and train: method, sparsity schedule, regrowth and scope.
 
-    Steps count optimizer steps, i.e. calls to ``GraNet.step()``.
+    Steps count optimizer steps, i.e. calls to ``GraNet.step()``. The
+    defaults are GraNet to 90% sparsity; ``total_steps`` may stay unset here
+    and be given to the controller, ``GraNet(model, optimizer, total_steps=T)``.
     """
 
     method: str = "granet"
@@ -151,15 +153,9 @@ class GraNetConfig:
             )
 
     def _validate_steps(self) -> None:
-        needs_steps = self.method in PRUNING_METHODS + REGROWTH_METHODS
+        # total_steps may be left unset here and given to the controller: GraNet(model, opt, total_steps=T).
         t = self.total_steps
-        if t is None:
-            if needs_steps:
-                raise ValueError(
-                    f"total_steps is required for method={self.method!r} "
-                    "(the number of optimizer steps of the whole run)"
-                )
-        elif not isinstance(t, int) or t < 1:
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise ValueError(f"total_steps must be an integer >= 1; got {t!r}")
         if not isinstance(self.prune_start, int) or self.prune_start < 0:
             raise ValueError(f"prune_start must be an integer >= 0; got {self.prune_start!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -9,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PRUNING_METHODS, REGROWTH_METHODS
+from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
 from .criteria import drop_smallest, grow_largest, prune_global
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
-from .sparsify import initial_counts, sparse_info, unwrap
+from .sparsify import initial_counts, mask_units, sparse_info, unwrap
 from .structured import structured_masks
 
 
@@ -25,18 +26,28 @@ class GraNet:
     update steps prunes along the cubic schedule and regrows connections by
     gradient (or at random for SET). The weights' ``.grad`` must still hold the
     current mini-batch's gradient when ``step()`` runs.
+
+    ``total_steps`` supplies the run's length when the config left it unset
+    (``sparsify(model)`` with the default config). A stack of expert weights
+    (one 3-D parameter) counts as one layer per expert: each has its own
+    regrowth count, its own row in the report (``name[i]``) and competes with
+    every other layer in global pruning.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
         self.model = unwrap(model)
         info = sparse_info(self.model)
-        self.config = info.config
+        self.config = _with_total_steps(info.config, total_steps)
         self.optimizer = optimizer
         self.layers = list(info.layers)
         masked = info.masked
-        self._names = [l.name for l in masked]
-        self._weights = [self.model.get_parameter(l.name) for l in masked]
-        self._masks = [self.model.get_buffer(l.mask_name) for l in masked]
+        # Each weight once (masks, optimizer state); each unit (a weight, or one expert) for the ranking.
+        self._params = [self.model.get_parameter(l.name) for l in masked]
+        self._param_masks = [self.model.get_buffer(l.mask_name) for l in masked]
+        self._units = mask_units(masked)
+        by_layer = {id(l): i for i, l in enumerate(masked)}
+        self._unit_param = [by_layer[id(u.layer)] for u in self._units]
+        self._names = [u.name for u in self._units]
         self.step_count = 0
         self._generator = torch.Generator().manual_seed(self.config.seed + 1)
         self._train_macs = 0.0
@@ -44,15 +55,34 @@ class GraNet:
         if all(l.macs is not None for l in self.layers):
             self._dense_macs = sum(l.macs for l in self.layers)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, w in zip(self._names, self._weights) if id(w) not in in_optimizer]
+        missing = [l.name for l, w in zip(masked, self._params) if id(w) not in in_optimizer]
         if missing:
             warnings.warn(f"granet_fx: masked weights not in the optimizer: {', '.join(missing)}", stacklevel=2)
-        shapes = [l.shape for l in masked]
+        shapes = [u.shape for u in self._units]
         self._final_counts = initial_counts(self.config, shapes, self.config.final_sparsity)
         self._start_counts = initial_counts(self.config, shapes, self.config.start_sparsity)
         self._structured = structured_masks(self.model, info)  # None for unstructured sparsity
         self._count_active()
         self.apply_masks()
+
+    # Each unit's part of its weight, mask and gradient (views: writing to them writes the whole).
+    def _weight(self, i: int) -> torch.Tensor:
+        return self._units[i].of(self._params[self._unit_param[i]])
+
+    def _mask(self, i: int) -> torch.Tensor:
+        return self._units[i].of(self._param_masks[self._unit_param[i]])
+
+    def _grad(self, i: int) -> torch.Tensor | None:
+        grad = self._params[self._unit_param[i]].grad
+        return None if grad is None else self._units[i].of(grad)
+
+    @property
+    def _weights(self) -> list[torch.Tensor]:
+        return [self._weight(i) for i in range(len(self._units))]
+
+    @property
+    def _masks(self) -> list[torch.Tensor]:
+        return [self._mask(i) for i in range(len(self._units))]
 
     # The schedule -----------------------------------------------------------
     def target_sparsity(self, step: int | None = None) -> float:
@@ -102,6 +132,8 @@ class GraNet:
         self.step_count += 1
         t = self.step_count
         self.apply_masks()
+        if not self._units:             # every weight stays dense (sparsify warned why): nothing to update
+            return False
         prune, regrow = self._prunes_at(t), self._regrows_at(t)
         if regrow:
             size = self._gradient_size()
@@ -124,7 +156,7 @@ class GraNet:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero pruned weights and the optimizer state shaped like them (momentum, Adam moments)."""
-        for w, m in zip(self._weights, self._masks):
+        for w, m in zip(self._params, self._param_masks):
             m = m.view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
             w.mul_(m)
             for value in self.optimizer.state.get(w, {}).values():
@@ -159,22 +191,23 @@ class GraNet:
             self._structured.regrow(fraction, self._generator if self.config.method == "set" else None)
             self.apply_masks()
             return
-        for w, m in zip(self._weights, self._masks):
-            if w.grad is None:
+        for i in range(len(self._units)):
+            w, m, grad = self._weight(i), self._mask(i), self._grad(i)
+            if grad is None:
                 continue
             n = math.ceil(fraction * int(torch.count_nonzero(m)))
             kept = drop_smallest(w.abs(), m, n)
             if self.config.method == "set":
                 score = torch.rand(m.shape, generator=self._generator).to(m.device)
             else:
-                score = w.grad.abs()
+                score = grad.abs()
             m.copy_(grow_largest(score, kept, n))
         self.apply_masks()
 
     def _gradient_size(self) -> float:
         """Sum of |gradient| over the masked weights: not finite if an entry is not (or on overflow),
         zero after an empty batch."""
-        grads = [w.grad for w in self._weights if w.grad is not None]
+        grads = [w.grad for w in self._params if w.grad is not None]
         if not grads:
             raise RuntimeError(
                 "granet_fx: no gradients at a mask update; call granet.step() after "
@@ -189,18 +222,30 @@ class GraNet:
             self._active.update(self._structured.active())
 
     def _sparse_macs(self) -> float:
-        return sum(l.macs * self._active.get(l.name, l.numel) / l.numel for l in self.layers)
+        return sum(r.macs * r.active / r.numel for r in self._layer_reports())
+
+    def _layer_reports(self) -> list[LayerReport]:
+        """A row per layer: each masked weight, each expert of an expert stack, each dense weight."""
+        units = {}
+        for u in self._units:
+            units.setdefault(id(u.layer), []).append(u)
+        rows = []
+        for l in self.layers:
+            if l.mask_name is None or id(l) not in units:
+                rows.append(LayerReport(l.name, l.kind, l.shape, l.numel, l.numel, False, l.macs))
+                continue
+            for u in units[id(l)]:
+                macs = None if l.macs is None else l.macs * u.numel / l.numel   # experts share evenly
+                rows.append(LayerReport(u.name, l.kind, u.shape, u.numel, self._active.get(u.name, u.numel),
+                                        True, macs))
+        return rows
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """A copy of every mask: weight name -> bool tensor (True = kept)."""
+        """A copy of every mask: weight name (``name[i]`` for expert i of a stack) -> bool tensor (True = kept)."""
         return {n: m.clone() for n, m in zip(self._names, self._masks)}
 
     def report(self) -> SparsityReport:
-        layers = [
-            LayerReport(l.name, l.kind, l.shape, l.numel, self._active.get(l.name, l.numel),
-                        l.mask_name is not None, l.macs)
-            for l in self.layers
-        ]
+        layers = self._layer_reports()
         training = None
         if self._dense_macs and self.step_count:
             training = self._train_macs / (self._dense_macs * self.step_count)
@@ -234,3 +279,20 @@ class GraNet:
         self._generator.set_state(state["generator"])
         self._train_macs = float(state.get("train_macs", 0.0))
         self._count_active()
+
+
+def _with_total_steps(config: GraNetConfig, total_steps: int | None) -> GraNetConfig:
+    """``config`` with ``total_steps`` from the controller when the config did not set it."""
+    if total_steps is not None:
+        if config.total_steps is not None and config.total_steps != total_steps:
+            raise ValueError(
+                f"total_steps is given twice: the config has {config.total_steps}, GraNet got {total_steps}"
+            )
+        return dataclasses.replace(config, total_steps=total_steps)   # validates it
+    if config.total_steps is None and config.method in PRUNING_METHODS + REGROWTH_METHODS:
+        raise ValueError(
+            f"total_steps is required for method={config.method!r} (the number of optimizer steps of the "
+            "whole run): set it in the config, GraNetConfig(total_steps=T), or give it to the controller, "
+            "GraNet(model, optimizer, total_steps=T)"
+        )
+    return config

@@ -61,7 +61,9 @@ def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
     if info.config.granularity == "channel":
         return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked], info.config.channel_multiple)
     if info.config.nm is not None:
-        return NMMasks(model, info.masked, *info.config.nm)
+        from .sparsify import mask_units   # sparsify imports this module
+
+        return NMMasks(model, mask_units(info.masked), *info.config.nm)
     return None
 
 
@@ -158,17 +160,21 @@ class ChannelMasks:
 class NMMasks:
     """N of every M consecutive input weights kept, in every masked layer."""
 
-    def __init__(self, model: nn.Module, layers, n: int, m: int):
+    def __init__(self, model: nn.Module, units, n: int, m: int):
+        """``units``: the ``sparsify.MaskUnit`` of each masked weight (one per expert of a stack)."""
         self.n, self.m = n, m
-        self.weights = [model.get_parameter(l.name) for l in layers]
-        self.masks = [model.get_buffer(l.mask_name) for l in layers]
-        for layer, w in zip(layers, self.weights):
+        self.weights = [u.of(model.get_parameter(u.layer.name)) for u in units]   # views of the weights
+        self.masks = [u.of(model.get_buffer(u.layer.mask_name)) for u in units]
+        self._params = [model.get_parameter(u.layer.name) for u in units]
+        self._units = units
+        for unit, w in zip(units, self.weights):
             if w.dim() < 2 or w.shape[1] % m:
                 size = w.shape[1] if w.dim() >= 2 else 1
+                name = unit.layer.name
                 raise ValueError(
-                    f"granularity='{n}:{m}' groups {m} consecutive input weights, but {layer.name} has "
+                    f"granularity='{n}:{m}' groups {m} consecutive input weights, but {unit.name} has "
                     f"{size} inputs, not a multiple of {m}; keep it dense with exclude="
-                    f"({layer.name.rpartition('.')[0]!r},)"
+                    f"({name.rpartition('.')[0]!r},)"
                 )
 
     def per_group(self, sparsity: float) -> int:
@@ -191,14 +197,15 @@ class NMMasks:
 
     @torch.no_grad()
     def regrow(self, fraction: float, generator: torch.Generator | None = None) -> None:
-        for w, mask in zip(self.weights, self.masks):
-            if w.grad is None:
+        for w, mask, p, unit in zip(self.weights, self.masks, self._params, self._units):
+            if p.grad is None:
                 continue
+            grad = unit.of(p.grad)
             active = int(mask.sum())
             k = active // (mask.numel() // self.m)
             kept = drop_smallest(w.abs(), mask, math.ceil(fraction * active))
             score = torch.rand(mask.shape, generator=generator).to(mask.device) if generator is not None \
-                else w.grad.abs()
+                else grad.abs()
             mask.copy_(nm_refill(score, kept, k, self.m))
 
     def active(self) -> dict[str, int]:

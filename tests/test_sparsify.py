@@ -125,6 +125,7 @@ class Mixed(nn.Module):
 def test_piecewise_tracing_masks_every_linear():
     original = Mixed()
     linears = {n + ".weight" for n, m in original.named_modules() if isinstance(m, nn.Linear)}
+    linears.add("enc.self_attn.in_proj_weight")   # read by nn.MultiheadAttention's code: found by running it
     keys = set(original.state_dict())
     reference = copy.deepcopy(original).eval()
     model = gf.sparsify(original, cfg(), example_inputs=torch.randn(3, 4))
@@ -181,13 +182,63 @@ def test_tied_weight_with_embedding_stays_dense():
         ({"granularity": "3:2"}, "granularity"),
         ({"granularity": "2:4"}, "granularity"),
         ({"granularity": "blocks"}, "granularity"),
-        ({"total_steps": None}, "total_steps"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 2.5}, "total_steps"),
         ({"regrow_fraction": 1.5}, "regrow_fraction"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         cfg(**kwargs)
+
+
+def test_sparsify_without_config_uses_the_defaults_and_the_controller_gives_total_steps():
+    model = gf.sparsify(MLP())
+    info = gf.sparse_info(model)
+    assert (info.config.method, info.config.final_sparsity, info.config.total_steps) == ("granet", 0.9, None)
+    assert [l.name for l in info.masked] == ["fc1.weight", "fc2.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    granet = gf.GraNet(model, opt, total_steps=40)
+    assert granet.config.total_steps == 40 and granet.report().total_steps == 40
+    # GraNet's default schedule: prune from step 0 to total_steps // 2 = 20, every 100 steps -> at step 20 only
+    assert granet.target_sparsity(20) == pytest.approx(0.9)
+    x, y = torch.randn(8, 20), torch.randint(0, 10, (8,))
+    for _ in range(20):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        granet.step()
+    total = 20 * 30 + 30 * 10
+    assert granet.report().global_sparsity == pytest.approx(0.9, abs=1 / total)
+
+
+def test_total_steps_missing_everywhere_is_a_clear_error_naming_both_ways():
+    model = gf.sparsify(MLP(), gf.GraNetConfig(method="rigl", final_sparsity=0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"total_steps is required.*GraNetConfig\(total_steps=T\).*"
+                                         r"GraNet\(model, optimizer, total_steps=T\)"):
+        gf.GraNet(model, opt)
+
+
+def test_total_steps_given_twice_must_agree_and_is_validated():
+    model = gf.sparsify(MLP(), cfg(total_steps=100))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert gf.GraNet(model, opt, total_steps=100).config.total_steps == 100
+    with pytest.raises(ValueError, match="total_steps is given twice"):
+        gf.GraNet(model, opt, total_steps=50)
+    other = gf.sparsify(MLP(), gf.GraNetConfig(prune_end=30))
+    with pytest.raises(ValueError, match="prune_end"):
+        gf.GraNet(other, torch.optim.SGD(other.parameters(), lr=0.1), total_steps=20)
+    with pytest.raises(ValueError, match="total_steps"):
+        gf.GraNet(other, torch.optim.SGD(other.parameters(), lr=0.1), total_steps=0)
+
+
+def test_methods_without_a_schedule_need_no_total_steps():
+    for method in ("static", "dense"):
+        model = gf.sparsify(MLP(), gf.GraNetConfig(method=method, final_sparsity=0.5))
+        granet = gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert not granet.step()
 
 
 def test_bad_config_mutated_later_is_caught_by_sparsify():

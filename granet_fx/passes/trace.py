@@ -2,7 +2,9 @@
 
 Conv and linear modules are traced through, so their weight becomes a
 ``get_attr`` node feeding a ``conv2d``/``linear`` call that later passes can
-rewrite. Other torch.nn modules (batch norm, dropout, attention, ...) stay
+rewrite (a subclass with its own forward, like Falcon's ``x @ self.weight.T``,
+too). A parametrized weight (``nn.utils.parametrize``, e.g. ``weight_norm``)
+shows its original parameters as get_attr nodes that feed the parametrization. Other torch.nn modules (batch norm, dropout, attention, ...) stay
 ``call_module`` leaves and keep their train/eval behaviour.
 
 A model that does not trace whole is traced piecewise: a submodule whose code
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .ops import WEIGHT_MODULES, weight_uses
@@ -34,6 +37,11 @@ class Piece:
         return f"{self.prefix}.{target}" if self.prefix else target
 
 
+# Modules whose own code fx traces, so that their weights show as get_attr nodes.
+_TRACED_THROUGH = WEIGHT_MODULES + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+                                    parametrize.ParametrizationList)
+
+
 class _Tracer(fx.Tracer):
     """Traces through conv/linear modules; remembers the innermost module that failed."""
 
@@ -45,7 +53,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque:
             return True
-        if isinstance(m, WEIGHT_MODULES):
+        if isinstance(m, _TRACED_THROUGH):
             return False
         return super().is_leaf_module(m, qualname)
 
