@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import runs
-from .export.console import ArgumentParser
-from .export.files import atomic_write
+from .export.console import ArgumentParser, first_line
+from .export.files import atomic_write, same_file
 
 
 def _figure(rows: int = 1, height: float = 4.0):
@@ -28,15 +29,33 @@ def _figure(rows: int = 1, height: float = 4.0):
     return fig, fig.subplots(rows, 1, squeeze=False)[:, 0]
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _png(fig) -> bytes:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    atomic_write(path, png.getvalue())
+    return png.getvalue()
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    atomic_write(path, _png(fig))
     return Path(path)
 
 
 def plot_accuracy(sweep: dict, path: str | os.PathLike) -> Path:
     """Test accuracy (mean ± std over seeds) against sparsity, one line per method; dense as a band."""
+    return _save(_accuracy_figure(sweep), path)
+
+
+def plot_schedule(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Sparsity (target and actual) and regrowth fraction (scheduled and measured) over training."""
+    return _save(_schedule_figure(records), path)
+
+
+def plot_layer_density(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Final density of each layer per run, next to ERK's density at the same final sparsity."""
+    return _save(_layer_density_figure(records), path)
+
+
+def _accuracy_figure(sweep: dict):
     fig, (ax,) = _figure()
     summary = sweep["summary"]
     sparse = [s for s in summary if s["sparsity"] > 0]
@@ -60,11 +79,10 @@ def plot_accuracy(sweep: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"{sweep.get('title', 'Test accuracy')} (mean ± std over {seeds} seed(s))")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def plot_schedule(records: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Sparsity (target and actual) and regrowth fraction (scheduled and measured) over training."""
+def _schedule_figure(records: Sequence[dict]):
     fig, (top, bottom) = _figure(2, 3.2)
     for i, run in enumerate(records):
         color = f"C{i}"
@@ -81,11 +99,10 @@ def plot_schedule(records: Sequence[dict], path: str | os.PathLike) -> Path:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def plot_layer_density(records: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Final density of each layer per run, next to ERK's density at the same final sparsity."""
+def _layer_density_figure(records: Sequence[dict]):
     fig, (ax,) = _figure()
     names = list(dict.fromkeys(layer["name"] for run in records for layer in run["layers"]))
     bars: list[tuple[str, dict]] = []
@@ -108,7 +125,7 @@ def plot_layer_density(records: Sequence[dict], path: str | os.PathLike) -> Path
     ax.set_title("Per-layer density at the end of training")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
@@ -116,6 +133,9 @@ def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.Pa
 
     A run gives ``schedule.png`` and ``layer_density.png``; a sweep also gives
     ``accuracy.png``, and the schedule and density plots of the runs it holds.
+    The record is checked first (``runs.check``) and every plot is drawn before
+    any file is written; the PNGs are then written under temporary names and
+    renamed, so the set in ``out_dir`` is replaced whole or not at all.
     Returns the paths written.
     """
     if isinstance(source, dict):
@@ -126,16 +146,55 @@ def plot_report(source: str | os.PathLike | dict[str, Any], out_dir: str | os.Pa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     records = [data] if data["format"] == runs.RUN_FORMAT else data["runs"]
+    figures = {}
     if data["format"] == runs.SWEEP_FORMAT and data["summary"]:
-        written.append(plot_accuracy(data, out / "accuracy.png"))
+        figures["accuracy.png"] = _accuracy_figure
     if records:
-        written.append(plot_schedule(records, out / "schedule.png"))
+        figures["schedule.png"] = lambda _: _schedule_figure(records)
         if any(run["layers"] for run in records):
-            written.append(plot_layer_density(records, out / "layer_density.png"))
-    return written
+            figures["layer_density.png"] = lambda _: _layer_density_figure(records)
+    if not isinstance(source, dict):
+        for name in figures:
+            if same_file(source, out / name):
+                raise ValueError(f"{out / name} is the input file {source}; refusing to overwrite it")
+    pngs = {name: _png(draw(data)) for name, draw in figures.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    return replace_all(out, pngs)
+
+
+def replace_all(folder: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write ``files`` (name -> bytes) into ``folder``: all to temporary files first, then rename each.
+
+    A failure while writing leaves every existing file as it was and no
+    temporary file behind.
+    """
+    written: list[tuple[str, Path]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            written.append((tmp, folder / name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        for tmp, _ in written:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    return [path for _, path in written]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in plot_report(args.file, args.out):
             print(path)
     except (ValueError, OSError, ImportError) as e:
-        print(f"granet-report: error: {e}", file=sys.stderr)
+        print(f"granet-report: error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:   # a record that passed the checks and still fails to plot: one line, not a traceback
+        print(f"granet-report: error: cannot plot {args.file}: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ test accuracy, FLOPs), their summary over seeds, and a few runs. The plots in
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 
 from .controller import GraNet
 from .criteria import erk_densities
-from .export.files import atomic_write
+from .export.console import first_line
+from .export.files import FileReadError, atomic_write, read_bounded
 
 RUN_FORMAT = "granet_fx.run"
 SWEEP_FORMAT = "granet_fx.sweep"
@@ -180,55 +182,190 @@ def save_json(data: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+MAX_FILE_BYTES = 256 << 20   # a run or sweep file; a real sweep is a few MB
+MAX_DEPTH = 32               # nesting of JSON objects and lists; a real file needs 6
+MAX_TEXT = 200               # characters of a label, name or title (the plots show them)
+MAX_POINTS = 1_000_000       # entries of a history or updates list
+MAX_ITEMS = 10_000           # layers of a run, rows of a summary
+MAX_RUNS = 100               # runs in a sweep (one colour and legend entry each)
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a run or sweep file; raises ValueError naming what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    """Read a run or sweep file; raises ValueError naming the file and what is wrong with it."""
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
-    try:
+        data = read_json(path, what="run or sweep file")
         check(data)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return data
 
 
+def read_json(path: str | os.PathLike, *, what: str = "JSON file", limit: int = MAX_FILE_BYTES) -> Any:
+    """The JSON value in ``path``, read within ``limit`` bytes and ``MAX_DEPTH`` levels of nesting.
+
+    ValueError (without the file's name) for a file that is not a regular file,
+    too large, not UTF-8 JSON, holds NaN or infinity, or nests too deeply.
+    """
+    try:
+        raw = read_bounded(path, limit=limit, what=what)
+    except FileReadError as e:
+        message = str(e)
+        prefix = f"{os.fspath(path)}: "
+        raise ValueError(message[len(prefix):] if message.startswith(prefix) else message) from None
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"not a {what}: JSON nested more than {MAX_DEPTH} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"not a JSON file ({first_line(e)})") from None
+    if _depth(data) > MAX_DEPTH:
+        raise ValueError(f"not a {what}: JSON nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (0 for a scalar), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        todo.extend((c, level + 1) for c in children)
+    return deepest
+
+
 def check(data: dict) -> None:
-    """Raise ValueError naming the first field of a run or sweep record that is missing or malformed."""
+    """Raise ValueError naming the first field of a run or sweep record that is missing or malformed.
+
+    Types, ranges (fractions in [0, 1], steps >= 0, finite numbers), required
+    keys and sizes (label and name lengths, list lengths) are checked, so that
+    what passes can be plotted.
+    """
     if not isinstance(data, dict) or data.get("format") not in (RUN_FORMAT, SWEEP_FORMAT):
         raise ValueError("not a granet_fx run or sweep file")
-    if data.get("version") != VERSION:
-        raise ValueError(f"unsupported version {data.get('version')!r} (expected {VERSION})")
+    if type(data.get("version")) is not int or data["version"] != VERSION:
+        raise ValueError(f"unsupported version {_short(data.get('version'))} (expected {VERSION})")
     if data["format"] == SWEEP_FORMAT:
-        for i, s in enumerate(_field(data, "summary", list)):
-            _field(s, "label", str, f"summary[{i}]")
-            for key in ("sparsity", "accuracy_mean"):
-                _field(s, key, NUMBER, f"summary[{i}]")
-        for run in _field(data, "runs", list):
+        _check_sweep(data)
+    else:
+        _check_run(data)
+
+
+def _check_sweep(data: dict) -> None:
+    _optional(data, "title", _TEXT)
+    summary = _field(data, "summary", _list(MAX_ITEMS))
+    for i, s in enumerate(summary):
+        where = f"summary[{i}]"
+        _field(s, "label", _TEXT, where)
+        _optional(s, "method", _TEXT, where)
+        _field(s, "sparsity", _FRACTION, where)
+        _field(s, "seeds", _COUNT, where)
+        _field(s, "accuracy_mean", _FRACTION, where)
+        _optional(s, "accuracy_std", _NONNEGATIVE, where)
+        for key in ("training_flops", "inference_flops"):
+            _optional(s, key, _NONNEGATIVE, where)
+    for i, run in enumerate(_field(data, "runs", _list(MAX_RUNS))):
+        try:
+            if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+                raise ValueError("is not a run record")
             check(run)
-        return
-    _field(data, "label", str)
-    history = _field(data, "history", dict)
-    if len({len(_field(history, k, list, "history")) for k in HISTORY_KEYS}) != 1:
+        except ValueError as e:
+            raise ValueError(f"runs[{i}]: {e}") from None
+
+
+def _check_run(data: dict) -> None:
+    _field(data, "label", _TEXT)
+    _optional(data, "method", _TEXT)
+    _optional(data, "accuracy", _FRACTION)
+    for key in ("inference_flops", "training_flops"):
+        _optional(data, key, _NONNEGATIVE)
+    if "config" in data:
+        config = _field(data, "config", _DICT)
+        _optional(config, "final_sparsity", _FRACTION, "config")
+    history = _field(data, "history", _DICT)
+    lengths = set()
+    for key in HISTORY_KEYS:
+        values = _field(history, key, _list(MAX_POINTS), "history")
+        _each(values, _STEP if key == "step" else _FRACTION, f"history.{key}")
+        lengths.add(len(values))
+    if len(lengths) != 1:
         raise ValueError("the history lists differ in length")
-    updates = _field(data, "updates", dict)
-    if len(_field(updates, "step", list, "updates")) != len(_field(updates, "regrown_fraction", list, "updates")):
+    updates = _field(data, "updates", _DICT)
+    steps = _field(updates, "step", _list(MAX_POINTS), "updates")
+    _each(steps, _STEP, "updates.step")
+    fractions = _field(updates, "regrown_fraction", _list(MAX_POINTS), "updates")
+    _each(fractions, _FRACTION, "updates.regrown_fraction")
+    if len(steps) != len(fractions):
         raise ValueError("the updates lists differ in length")
-    for i, layer in enumerate(_field(data, "layers", list)):
-        _field(layer, "name", str, f"layers[{i}]")
+    for i, layer in enumerate(_field(data, "layers", _list(MAX_ITEMS))):
+        where = f"layers[{i}]"
+        _field(layer, "name", _TEXT, where)
+        if "shape" in layer:
+            shape = _field(layer, "shape", _list(16), where)
+            _each(shape, _STEP, f"{where}.shape")
         for key in ("density", "erk_density"):
-            _field(layer, key, NUMBER, f"layers[{i}]")
+            _field(layer, key, _FRACTION, where)
+
+
+# Field checks: each is (what it must be, test) ------------------------------------
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 NUMBER = (int, float)
+_TEXT = (f"a string of at most {MAX_TEXT} printable characters",
+         lambda v: isinstance(v, str) and len(v) <= MAX_TEXT and v.isprintable())
+_FRACTION = ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+_NONNEGATIVE = ("null or a number >= 0", lambda v: v is None or (_is_number(v) and v >= 0))
+_STEP = ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+_COUNT = ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_DICT = ("an object", lambda v: isinstance(v, dict))
 
 
-def _field(data: Any, key: str, kind: type | tuple, where: str = "") -> Any:
+def _list(limit: int) -> tuple[str, Any]:
+    return f"a list of at most {limit:,} entries", lambda v: isinstance(v, list) and len(v) <= limit
+
+
+def _field(data: Any, key: str, rule: tuple[str, Any], where: str = "") -> Any:
     name = f"{where}.{key}" if where else key
-    if not isinstance(data, dict) or not isinstance(data.get(key), kind):
-        what = "number" if kind is NUMBER else kind.__name__
-        raise ValueError(f"field {name!r} is missing or not a {what}")
-    return data[key]
+    if not isinstance(data, dict):
+        raise ValueError(f"field {where!r} is not an object")
+    if key not in data:
+        raise ValueError(f"field {name!r} is missing")
+    value = data[key]
+    if not rule[1](value):
+        raise ValueError(f"field {name!r} is {_short(value)}; expected {rule[0]}")
+    return value
+
+
+def _optional(data: dict, key: str, rule: tuple[str, Any], where: str = "") -> Any:
+    rule = ((rule[0] if rule[0].startswith("null") else f"null or {rule[0]}"),
+            lambda v, test=rule[1]: v is None or test(v))
+    return _field(data, key, rule, where) if key in data else None
+
+
+def _each(values: list, rule: tuple[str, Any], name: str) -> None:
+    bad = next((i for i, v in enumerate(values) if not rule[1](v)), None)
+    if bad is not None:
+        raise ValueError(f"field '{name}[{bad}]' is {_short(values[bad])}; expected {rule[0]}")
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message: its type and, when short, its text."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else f"a string of {len(value):,} characters"
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'object'} of {len(value):,} entries"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    text = repr(value)
+    return text if len(text) <= 40 else f"a number of {len(text):,} digits"

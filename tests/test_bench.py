@@ -122,3 +122,109 @@ def test_external_data_counts_in_size_and_flops(tmp_path):
     loaded = bench.load(str(path))
     assert loaded.file_bytes == os.path.getsize(path) + os.path.getsize(tmp_path / "outside.onnx.data")
     assert loaded.flops == 2 * hand_macs(4)
+
+
+def sparse_model(path, indices, values, dims=(4, 4), index_dims=None):
+    """y = x @ W with W a sparse initializer (the layout granet-export --sparse-layout initializer writes)."""
+    values = np.asarray(values, dtype=np.float32)
+    indices = np.asarray(indices, dtype=np.int64)
+    v = numpy_helper.from_array(values, "W")
+    i = numpy_helper.from_array(indices, "W_idx")
+    if index_dims is not None:
+        del i.dims[:]
+        i.dims.extend(index_dims)
+    w = helper.make_sparse_tensor(v, i, list(dims))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "s",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dims[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dims[1]])],
+                              sparse_initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.write_bytes(model.SerializeToString())
+    return str(path)
+
+
+def test_a_well_formed_sparse_initializer_runs(tmp_path):
+    path = sparse_model(tmp_path / "ok.onnx", [1, 6, 15], [1.0, 2.0, 3.0])
+    assert bench.main([path, "--threads", "1", "--warmup", "0", "--runs", "1"]) == 0
+
+
+@pytest.mark.parametrize("indices, values, index_dims, words", [
+    ([1, 16], [1.0, 2.0], None, "index outside its 16 positions"),
+    ([-1, 3], [1.0, 2.0], None, "index outside"),
+    ([6, 1], [1.0, 2.0], None, "not in increasing order"),
+    ([3, 3], [1.0, 2.0], None, "not in increasing order"),
+    ([1, 2, 3], [1.0, 2.0], None, "indices have dimensions [3]"),
+    ([[0, 1], [4, 0]], [1.0, 2.0], None, "index outside its dimensions"),
+    ([[1, 0], [0, 1]], [1.0, 2.0], None, "not in increasing order"),
+    ([1, 2], [1.0, 2.0], [5], "has 16 bytes of data; its dimensions [5] need 40"),
+])
+def test_malformed_sparse_tensors_are_refused_before_onnxruntime(tmp_path, capsys, indices, values, index_dims, words):
+    path = sparse_model(tmp_path / "bad.onnx", indices, values, index_dims=index_dims)
+    assert bench.main([path, "--runs", "1"]) == 2
+    line = one_line_error(capsys)
+    assert "bad.onnx" in line and words in line, line
+
+
+def external_model(tmp_path, location):
+    model = onnx.load(tiny_model(tmp_path / "inline.onnx"))
+    tensor = model.graph.initializer[0]
+    raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
+    tensor.ClearField("float_data")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    tensor.external_data.add(key="length", value=str(len(raw)))
+    (tmp_path / "model").mkdir(exist_ok=True)
+    path = tmp_path / "model" / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    return str(path), raw
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "link", "missing", "short", "device"])
+def test_external_data_must_stay_inside_the_models_folder(tmp_path, capsys, where):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x00" * 4096)
+    location = {"absolute": str(secret), "dotdot": "../secret.bin", "link": "link.bin", "missing": "gone.bin",
+                "short": "short.bin", "device": "zero"}[where]
+    path, raw = external_model(tmp_path, location)
+    folder = tmp_path / "model"
+    if where == "link":
+        os.symlink(secret, folder / "link.bin")
+    if where == "short":
+        (folder / "short.bin").write_bytes(raw[:-4])
+    if where == "device":
+        os.symlink("/dev/zero", folder / "zero")
+    words = {"absolute": "not a plain relative path", "dotdot": "not a plain relative path",
+             "link": "leads outside the model's folder", "missing": "does not exist",
+             "short": "reaches past the end", "device": "leads outside"}[where]
+    assert bench.main([path, "--runs", "1"]) == 2
+    line = one_line_error(capsys)
+    assert "m.onnx" in line and words in line, line
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    path, raw = external_model(tmp_path, "weights.bin")
+    (tmp_path / "model" / "weights.bin").write_bytes(raw)
+    assert bench.load(path).flops == 2 * hand_macs(4)
+
+
+def test_special_and_huge_files_are_refused_without_reading_them(tmp_path, capsys):
+    huge = tmp_path / "huge.onnx"
+    with open(huge, "wb") as f:
+        f.truncate(10 << 30)                       # sparse: no disk used
+    for path, words in (("/dev/zero", "not a regular file"), (str(huge), "more than")):
+        assert bench.main([path, "--runs", "1"]) == 2
+        assert words in one_line_error(capsys)
+
+
+def test_json_output_that_is_an_input_is_refused(tmp_path, capsys):
+    model = tiny_model(tmp_path / "a.onnx")
+    before = open(model, "rb").read()
+    for out in (model, str(tmp_path / "." / "a.onnx")):
+        assert bench.main([model, "--json", out, "--runs", "1"]) == 2
+        assert "refusing to overwrite" in one_line_error(capsys)
+    base = tiny_model(tmp_path / "b.onnx")
+    assert bench.main([model, "--baseline", base, "--json", base, "--runs", "1"]) == 2
+    assert "b.onnx" in one_line_error(capsys)
+    assert open(model, "rb").read() == before

@@ -105,3 +105,43 @@ def test_cli_entry_point_has_no_traceback(tmp_path):
     result = subprocess.run([str(command), str(tmp_path / "nope.json")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"granet-report: error: {tmp_path / 'nope.json'}: no such file"
+
+
+def test_a_bad_record_leaves_the_old_set_of_pngs(tmp_path):
+    out = tmp_path / "plots"
+    out.mkdir()
+    old = {name: f"old {name}".encode() for name in ("accuracy.png", "schedule.png", "layer_density.png")}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    sweep = fake_sweep()
+    sweep["runs"][1]["config"]["final_sparsity"] = "0.9"     # fails only the density plot's input
+    path = runs.save_json(sweep, tmp_path / "sweep.json")
+    assert plots.main([str(path), "-o", str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
+def test_a_failed_write_leaves_the_old_set_and_no_temporary_file(tmp_path, monkeypatch):
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "schedule.png").write_bytes(b"old")
+    written = []
+
+    def fsync(fd):
+        written.append(fd)
+        if len(written) == 2:                       # the second PNG cannot be written
+            raise OSError("disk full")
+
+    monkeypatch.setattr(plots.os, "fsync", fsync)
+    with pytest.raises(OSError, match="disk full"):
+        gf.plot_report(fake_sweep(), out)
+    assert [p.name for p in out.iterdir()] == ["schedule.png"]
+    assert (out / "schedule.png").read_bytes() == b"old"
+
+
+def test_the_input_file_is_never_overwritten(tmp_path, capsys):
+    path = runs.save_json(fake_run("GraNet", 0.0), tmp_path / "schedule.png")   # a run saved under a PNG's name
+    before = path.read_bytes()
+    assert plots.main([str(path), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is the input file" in err and len(err.strip().splitlines()) == 1
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["schedule.png"]

@@ -183,3 +183,60 @@ def test_failed_save_keeps_the_old_file(tmp_path):
         runs.save_json({"accuracy": float("nan")}, path)  # NaN is not JSON
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than 32 levels"),
+    (b'{"format": "granet_fx.run", "version": 1, "accuracy": NaN}', "NaN is not a JSON number"),
+    (b'{"format": "granet_fx.run", "version": 1, "label": "' + b"x" * 1_000_000 + b'"}',
+     "field 'label' is a string of 1,000,000 characters; expected a string of at most 200 printable characters"),
+    (b'{"format": "granet_fx.run", "version": 1, "label": 7}', "field 'label' is 7; expected a string"),
+])
+def test_load_bounds_depth_size_and_text(tmp_path, content, message):
+    path = tmp_path / "run.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        runs.load(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def good_record():
+    return {"format": runs.RUN_FORMAT, "version": 1, "label": "x", "config": {"final_sparsity": 0.5},
+            "history": {k: [0, 1] for k in runs.HISTORY_KEYS},
+            "updates": {"step": [1], "regrown_fraction": [0.5]},
+            "layers": [{"name": "fc.weight", "shape": [2, 3], "density": 0.1, "erk_density": 0.2}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["config"].update(final_sparsity="high"), "field 'config.final_sparsity' is 'high'; expected null or a number in [0, 1]"),
+    (lambda r: r["history"]["step"].__setitem__(1, -3), "field 'history.step[1]' is -3; expected an integer >= 0"),
+    (lambda r: r["history"]["global_sparsity"].__setitem__(0, 1.5), "field 'history.global_sparsity[0]' is 1.5"),
+    (lambda r: r["updates"].update(step=[True]), "field 'updates.step[0]' is true"),
+    (lambda r: r["layers"][0].update(name=12), "field 'layers[0].name' is 12"),
+    (lambda r: r["layers"][0].update(shape="2x3"), "field 'layers[0].shape' is '2x3'"),
+    (lambda r: r["layers"][0].update(density=float("inf")), "field 'layers[0].density' is inf"),
+    (lambda r: r.update(layers=[None]), "field 'layers[0]' is not an object"),
+    (lambda r: r["history"].pop("regrow_fraction"), "field 'history.regrow_fraction' is missing"),
+    (lambda r: r.update(version=True), "unsupported version true"),
+])
+def test_check_names_the_key_and_the_problem(change, message):
+    record = good_record()
+    runs.check(record)
+    change(record)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        runs.check(record)
+
+
+def test_a_sweep_checks_its_summary_and_runs():
+    sweep = {"format": runs.SWEEP_FORMAT, "version": 1, "title": "t",
+             "summary": [{"label": "a", "sparsity": 0.5, "seeds": 2, "accuracy_mean": 0.9, "accuracy_std": 0.01}],
+             "runs": [good_record()]}
+    runs.check(sweep)
+    sweep["runs"][0]["label"] = None
+    with pytest.raises(ValueError, match=re.escape("runs[0]: field 'label' is null")):
+        runs.check(sweep)
+    sweep["runs"] = [good_record()]
+    del sweep["summary"][0]["seeds"]
+    with pytest.raises(ValueError, match=re.escape("field 'summary[0].seeds' is missing")):
+        runs.check(sweep)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..report import columns
 from .console import ArgumentParser, UsageError, first_line
-from .files import atomic_write, check_writable
+from .files import FileReadError, atomic_write, check_writable, read_bounded, same_file
 
 PROG = "granet-bench"
 
@@ -41,32 +42,244 @@ class OnnxModel:
     path: str
     file_bytes: int
     flops: int | None          # per sample; None when some shapes are unknown
+    external: tuple[str, ...] = ()  # the files holding its external data
 
 
 def load(path: str) -> OnnxModel:
-    """Read an ONNX file's size and FLOPs, or raise BenchError saying what is wrong with it."""
+    """Read an ONNX file's size and FLOPs, or raise BenchError saying what is wrong with it.
+
+    The file is checked (``validate``) before anything else reads it.
+    """
     import onnx
 
-    if not os.path.isfile(path):
-        raise BenchError(f"{path}: no such file")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise BenchError(f"{path}: not an ONNX model ({first_line(e)})") from e
-    if not model.graph.node:
-        raise BenchError(f"{path}: not an ONNX model (no graph nodes)")
-    size = os.path.getsize(path)
+    model = validate(path)
     folder = os.path.dirname(os.path.abspath(path))
-    external = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                for entry in t.external_data if entry.key == "location"}
-    size += sum(os.path.getsize(os.path.join(folder, f)) for f in external if os.path.isfile(os.path.join(folder, f)))
+    external = external_files(model, folder)
+    size = os.path.getsize(path) + sum(os.path.getsize(f) for f in external)
     macs = count_macs(model)
     if macs is None and external:  # shape inference may need small constants stored outside the file
         try:
             macs = count_macs(onnx.load(path))
         except Exception as e:
             raise BenchError(f"{path}: cannot read its external data ({first_line(e)})") from e
-    return OnnxModel(path, size, None if macs is None else 2 * macs)
+    return OnnxModel(path, size, None if macs is None else 2 * macs, tuple(external))
+
+
+# Checking a file before onnxruntime sees it -------------------------------------
+
+MAX_ELEMENTS = 1 << 31       # elements of one tensor (dense size of a sparse one): 8 GB of floats
+MAX_FEED_BYTES = 1 << 30     # bytes of one random input that granet-bench makes
+
+# bytes per element, and the typed field (with values per element) that holds inline data
+_ELEMENT = {
+    "FLOAT": (4, "float_data", 1), "DOUBLE": (8, "double_data", 1), "FLOAT16": (2, "int32_data", 1),
+    "BFLOAT16": (2, "int32_data", 1), "INT8": (1, "int32_data", 1), "UINT8": (1, "int32_data", 1),
+    "INT16": (2, "int32_data", 1), "UINT16": (2, "int32_data", 1), "INT32": (4, "int32_data", 1),
+    "UINT32": (4, "uint64_data", 1), "INT64": (8, "int64_data", 1), "UINT64": (8, "uint64_data", 1),
+    "BOOL": (1, "int32_data", 1), "COMPLEX64": (8, "float_data", 2), "COMPLEX128": (16, "double_data", 2),
+}
+
+
+def validate(path: str):
+    """The ONNX model in ``path``, parsed from at most ``MAX_FILE_BYTES`` bytes and checked; else BenchError.
+
+    Checked before onnxruntime reads the file: the protobuf parses; every
+    tensor's dimensions are non-negative and bounded, and its data has the
+    size they imply; external data is a relative path inside the model's
+    folder (no absolute path, no ``..``, no link that leads out), to a regular
+    file holding the bytes it names; every sparse tensor has int64 indices in
+    range and in increasing order and one value per index; ``onnx.checker``
+    accepts the model.
+    """
+    import onnx
+
+    try:
+        data = read_bounded(path, what="model file")
+    except FileReadError as e:
+        raise BenchError(str(e)) from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:
+        raise BenchError(f"{path}: not an ONNX model ({first_line(e)})") from None
+    del data
+    if not model.HasField("graph") or not model.graph.node:
+        raise BenchError(f"{path}: not an ONNX model (no graph nodes)")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        for where, tensor, sparse in _tensors(model):
+            if sparse:
+                _check_sparse(tensor, where, folder)
+            else:
+                _check_tensor(tensor, where, folder)
+    except ValueError as e:
+        raise BenchError(f"{path}: {e}") from None
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:
+        raise BenchError(f"{path}: onnx.checker rejects it ({first_line(e)})") from None
+    return model
+
+
+def external_files(model, folder: str) -> list[str]:
+    """The distinct files that the (validated) model's external data lives in."""
+    found = []
+    for _, tensor, sparse in _tensors(model):
+        for t in (tensor.values, tensor.indices) if sparse else (tensor,):
+            location = _external(t).get("location")
+            if location is not None:
+                full = os.path.realpath(os.path.join(folder, location))
+                if full not in found:
+                    found.append(full)
+    return found
+
+
+def _tensors(model):
+    """Every (where, tensor, is_sparse) in the model: initializers, and tensors in attributes, in all graphs."""
+    graphs = [("graph", model.graph)] + [(f"function {f.name!r}", f) for f in model.functions]
+    while graphs:
+        name, graph = graphs.pop()
+        for t in getattr(graph, "initializer", ()):
+            yield f"{name}: initializer {t.name!r}", t, False
+        for t in getattr(graph, "sparse_initializer", ()):
+            yield f"{name}: sparse initializer {t.values.name!r}", t, True
+        for node in graph.node:
+            for a in node.attribute:
+                where = f"{name}: node {node.name or node.op_type!r} attribute {a.name!r}"
+                if a.HasField("t"):
+                    yield where, a.t, False
+                for t in a.tensors:
+                    yield where, t, False
+                if a.HasField("sparse_tensor"):
+                    yield where, a.sparse_tensor, True
+                for t in a.sparse_tensors:
+                    yield where, t, True
+                if a.HasField("g"):
+                    graphs.append((f"{where} subgraph", a.g))
+                graphs.extend((f"{where} subgraph", g) for g in a.graphs)
+
+
+def _external(t) -> dict[str, str]:
+    import onnx
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return {}
+    entries = {}
+    for e in t.external_data:
+        if e.key in entries:
+            raise ValueError(f"tensor {t.name!r} names its external {e.key} twice")
+        entries[e.key] = e.value
+    if "location" not in entries:
+        raise ValueError(f"tensor {t.name!r} is stored outside the file but names no location")
+    return entries
+
+
+def _numel(dims, what: str) -> int:
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{what} has a negative dimension {list(dims)}")
+    n = math.prod(dims)
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"{what} has {n:,} elements (dimensions {list(dims)}); at most {MAX_ELEMENTS:,} are allowed")
+    return n
+
+
+def _check_tensor(t, where: str, folder: str) -> None:
+    import onnx
+
+    what = where if repr(t.name) in where else f"{where} (tensor {t.name!r})"
+    n = _numel(t.dims, what)
+    type_name = onnx.TensorProto.DataType.Name(t.data_type) if t.data_type in onnx.TensorProto.DataType.values() else None
+    if type_name is None or type_name == "UNDEFINED":
+        raise ValueError(f"{what} has an unknown data type {t.data_type}")
+    element = _ELEMENT.get(type_name)
+    external = _external(t)
+    if external:
+        location = external["location"]
+        file = _inside(folder, location, what)
+        try:
+            offset, length = int(external.get("offset", 0)), external.get("length")
+            length = None if length is None else int(length)
+        except ValueError:
+            raise ValueError(f"{what}: its external offset or length is not an integer") from None
+        size = os.path.getsize(file)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"{what}: its external offset or length is negative")
+        stored = size - offset if length is None else length
+        if offset + stored > size or stored < 0:
+            raise ValueError(f"{what}: its external data reaches past the end of {location} ({size:,} bytes)")
+        if element and stored != n * element[0]:
+            raise ValueError(f"{what} has {stored:,} bytes of external data; its dimensions {list(t.dims)} "
+                             f"need {n * element[0]:,}")
+        return
+    if element is None:
+        return                      # packed and string types: left to onnx.checker
+    itemsize, field, per = element
+    if t.HasField("raw_data"):
+        if len(t.raw_data) != n * itemsize:
+            raise ValueError(f"{what} has {len(t.raw_data):,} bytes of data; its dimensions {list(t.dims)} "
+                             f"need {n * itemsize:,}")
+        return
+    count = len(getattr(t, field))
+    if count != n * per:
+        raise ValueError(f"{what} holds {count:,} values; its dimensions {list(t.dims)} need {n * per:,}")
+
+
+def _inside(folder: str, location: str, what: str) -> str:
+    """The file that ``location`` names, refused unless it is a regular file inside ``folder``."""
+    parts = location.replace("\\", "/").split("/")
+    if (not location or "\x00" in location or os.path.isabs(location) or location.startswith(("/", "\\"))
+            or ":" in parts[0] or ".." in parts):
+        raise ValueError(f"{what}: its external data location {location[:100]!r} is not a plain relative path "
+                         "inside the model's folder")
+    real_folder = os.path.realpath(folder)
+    file = os.path.realpath(os.path.join(folder, location))
+    if os.path.commonpath([real_folder, file]) != real_folder:
+        raise ValueError(f"{what}: its external data {location[:100]!r} leads outside the model's folder (a link)")
+    try:
+        info = os.stat(file)
+    except OSError:
+        raise ValueError(f"{what}: its external data file {location[:100]!r} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what}: its external data {location[:100]!r} is not a regular file")
+    return file
+
+
+def _check_sparse(st, where: str, folder: str) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    what = f"{where} (sparse tensor {st.values.name!r})"
+    if not st.dims:
+        raise ValueError(f"{what} has no dimensions")
+    n = _numel(st.dims, what)
+    values, indices = st.values, st.indices
+    for part, t in (("values", values), ("indices", indices)):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"{what}: its {part} are stored outside the file, which {PROG} does not read")
+        _check_tensor(t, f"{what} {part}", folder)
+    if len(values.dims) != 1:
+        raise ValueError(f"{what}: its values have dimensions {list(values.dims)}, not one dimension")
+    nnz = values.dims[0]
+    if nnz > n:
+        raise ValueError(f"{what} has {nnz:,} values for {n:,} positions")
+    if indices.data_type != onnx.TensorProto.INT64:
+        raise ValueError(f"{what}: its indices are not int64")
+    rank = len(st.dims)
+    if list(indices.dims) not in ([nnz], [nnz, rank]) and not (nnz == 0 and not indices.dims):
+        raise ValueError(f"{what}: its indices have dimensions {list(indices.dims)}; expected [{nnz}] or "
+                         f"[{nnz}, {rank}]")
+    if nnz == 0:
+        return
+    index = numpy_helper.to_array(indices).astype(np.int64, copy=False)
+    if index.ndim == 2:
+        if (index < 0).any() or (index >= np.asarray(st.dims, dtype=np.int64)).any():
+            raise ValueError(f"{what} has an index outside its dimensions {list(st.dims)}")
+        strides = np.cumprod([1] + list(st.dims[:0:-1]))[::-1].astype(np.int64)
+        index = index @ strides
+    elif (index < 0).any() or (index >= n).any():
+        raise ValueError(f"{what} has an index outside its {n:,} positions")
+    if (np.diff(index) <= 0).any():
+        raise ValueError(f"{what}: its indices are not in increasing order without repeats")
 
 
 def count_macs(model) -> int | None:
@@ -157,6 +370,9 @@ def _feeds(session, path: str, batch: int) -> dict[str, np.ndarray]:
                              "every dimension but the first to be fixed")
         dtype = _DTYPES[value.type]
         size = [batch, *rest]
+        if math.prod(size) * np.dtype(dtype).itemsize > MAX_FEED_BYTES or min(size) < 0:
+            raise BenchError(f"{path}: input {value.name!r} of shape {size} would take more than "
+                             f"{MAX_FEED_BYTES:,} bytes")
         feeds[value.name] = rng.standard_normal(size).astype(dtype) if np.issubdtype(dtype, np.floating) \
             else np.zeros(size, dtype=dtype)
     return feeds
@@ -206,18 +422,22 @@ def machine() -> dict:
 
 
 def run(models: Sequence[str], baseline: str | None, batches: Sequence[int], threads: int, warmup: int,
-        runs: int, progress: Callable[[int, int, str], None] | None = None) -> dict:
+        runs: int, progress: Callable[[int, int, str], None] | None = None, output: str | None = None) -> dict:
     """Measure ``models`` (and ``baseline``), all run alternately, and return a JSON-ready dict.
 
     ``result["models"]`` lists the models, the baseline last; each result row
     holds one latency entry per model in that order, and, with a baseline,
-    ``speedup[i]`` = baseline median / model i median.
+    ``speedup[i]`` = baseline median / model i median. ``output``: the file
+    the result will be written to, refused (before measuring) when it is one
+    of the models or their external data.
     """
     import onnxruntime as ort
 
     if isinstance(models, str):
         models = [models]
     loaded = [load(p) for p in models] + ([load(baseline)] if baseline else [])
+    if output:
+        _refuse_overwriting_inputs(output, loaded)
     timings = measure([m.path for m in loaded], batches, threads, warmup, runs, progress)
     roles = ["model"] * len(models) + (["baseline"] if baseline else [])
     entries = []
@@ -290,6 +510,15 @@ def write_json(result: dict, path: str) -> None:
     write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
+def _refuse_overwriting_inputs(out: str, models: Sequence[OnnxModel]) -> None:
+    """UsageError when ``out`` is one of the input models or a file holding their external data."""
+    for m in models:
+        for f in [m.path, *m.external]:
+            if same_file(out, f):
+                what = "is the input model" if f == m.path else "holds external data of"
+                raise UsageError(f"--json {out} {what} {m.path}; refusing to overwrite it")
+
+
 def _progress_bar(done: int, total: int, what: str) -> None:
     width = 30
     filled = width * done // total
@@ -335,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = check_writable(args.json) if args.json else None
         if problem:
             raise UsageError(f"--json: cannot write {args.json}: {problem}")
-        result = run(args.model, args.baseline, args.batch, args.threads, args.warmup, args.runs, _progress_bar)
+        result = run(args.model, args.baseline, args.batch, args.threads, args.warmup, args.runs, _progress_bar,
+                     output=args.json)
         if args.json:
             write_json(result, args.json)
     except UsageError as e:
