@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import nn
 
 from .controller import GraNet
 from .export.console import first_line
-from .export.files import FileReadError, check_writable, read_bounded, _new_file_mode
+from .export.files import FileReadError, atomic_write, check_writable, read_bounded
 from .export.safe_zip import ZipProblem, read_entries, write_entries
 from .sparsify import unwrap
 
@@ -75,8 +74,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    remove_stale_temporaries(path)
-    _write(path, MAGIC + _header(payload) + b"\n" + payload)
+    atomic_write(path, MAGIC + _header(payload) + b"\n" + payload)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -136,70 +134,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if problem:
         raise CheckpointError(f"{name} is a damaged granet_fx checkpoint: {problem}")
     return state
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
-    """Remove the temporary files of ``path`` left by writers that no longer run; returns their names.
-
-    A writer names its temporary file ``.NAME.PID.RANDOM.tmp``; one whose
-    process is gone (killed while writing) is removed. Files of a live writer
-    are kept.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    pattern = re.compile(re.escape(f".{os.path.basename(path)}.") + r"(\d+)\.[\w-]+\.tmp")
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in names:
-        match = pattern.fullmatch(entry)
-        if match and not _alive(int(match.group(1))):
-            try:
-                os.unlink(os.path.join(folder, entry))
-                removed.append(entry)
-            except OSError:
-                pass
-    return removed
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's whole message on one line (torch's state-dict errors list the keys on later lines)."""
-    text = " ".join(str(e).split())
-    return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True     # another user's process (or an impossible id): leave its file alone
-    return True
-
-
-def _write(path: str | os.PathLike, data: bytes) -> None:
-    """``atomic_write`` with the writer's process id in the temporary name (see ``remove_stale_temporaries``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _header(payload: bytes) -> bytes:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +61,8 @@ METADATA = "granet_fx.json"
 MODEL = "model"  # the program's name inside the archive, as torch.export.save names it
 KINDS = ("sparse", "compacted", "dense")
 MAX_TENSOR_BYTES = 1 << 30   # one example input or reference output
+MAX_NAME = 1000              # characters of a layer's name or kind
+MAX_LAYERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,8 @@ def load_bytes(data: bytes, path: str | os.PathLike) -> SavedModel:
     """``load`` for the bytes of the file at ``path`` (named in errors), already read."""
     entries, metadata = _checked(path, data)
     try:
-        program = torch.export.load(io.BytesIO(write_entries(entries)))
+        with _quiet_torch_export():
+            program = torch.export.load(io.BytesIO(write_entries(entries)))
     except Exception as e:
         raise ArchiveError(f"{path} is a damaged granet_fx archive: torch.export.load failed: {first_line(e)}") from None
     saved = SavedModel(
@@ -218,6 +223,18 @@ def load_bytes(data: bytes, path: str | os.PathLike) -> SavedModel:
         raise ArchiveError(f"{path} is a damaged granet_fx archive: the program takes {n_inputs} inputs, "
                            f"its metadata has {len(saved.example_inputs)} example inputs")
     return saved
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """Keep torch.export's deserializer from logging a traceback of its own: the error says what failed."""
+    logger = logging.getLogger("torch._export.serde.serialize")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -316,7 +333,7 @@ def _checked(path, data: bytes) -> tuple[dict[str, bytes], dict]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ArchiveError(f"{path} is not a granet_fx archive (its {METADATA} is not granet_fx metadata)")
     version = raw.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         if type(version) is int and version < FORMAT_VERSION:
             raise ArchiveError(f"{path} was written by an older granet_fx (archive version {version}); "
                                f"this one reads version {FORMAT_VERSION}: re-save the model with granet_fx.save")
@@ -325,6 +342,9 @@ def _checked(path, data: bytes) -> tuple[dict[str, bytes], dict]:
     for name in relative:
         if not layout.allowed.fullmatch(name):
             raise ArchiveError(f"{path} holds {name[:100]!r}, which granet_fx.save never writes; refusing to load it")
+    missing = [n for n in (layout.model, layout.weights_config, layout.constants_config) if n not in relative]
+    if missing:
+        raise ArchiveError(f"{path} is a damaged granet_fx archive: it lacks {missing[0]}")
     try:
         metadata = _validated_metadata(raw)
         _check_digests(relative, raw["entries"], layout.metadata)
@@ -366,6 +386,9 @@ def _validated_metadata(d: dict) -> dict:
     config = need("config", (dict, type(None)))
     if (config is None) != (out["kind"] != "sparse"):
         raise ProgramProblem("metadata key 'config' must be set for a sparse model, and only for one")
+    if config is not None and not all(abs(v) < 2 ** 63 for v in config.values()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)):
+        raise ProgramProblem("metadata key 'config' holds a number out of range")
     try:
         out["config"] = None if config is None else GraNetConfig.from_dict(config)
     except (TypeError, ValueError) as e:
@@ -390,11 +413,16 @@ def _validated_metadata(d: dict) -> dict:
         numel, active = need("numel", int, layer, where), need("active", int, layer, where)
         if numel != math.prod(shape) or not 0 <= active <= numel:
             raise ProgramProblem(f"metadata keys '{where}numel' and '{where}active' do not fit the shape {shape}")
-        macs = need("macs", (int, type(None)), layer, where) if "macs" in layer else None
+        macs = need("macs", (int, type(None)), layer, where)
         if macs is not None and macs < 0:
             raise ProgramProblem(f"metadata key '{where}macs' is negative")
-        layers.append(LayerReport(need("name", str, layer, where), need("kind", str, layer, where), tuple(shape),
+        name, kind = need("name", str, layer, where), need("kind", str, layer, where)
+        if not 0 < len(name) <= MAX_NAME or not 0 < len(kind) <= MAX_NAME:
+            raise ProgramProblem(f"metadata keys '{where}name' and '{where}kind' must be 1 to {MAX_NAME} characters")
+        layers.append(LayerReport(name, kind, tuple(shape),
                                   numel, active, need("masked", bool, layer, where), macs))
+        if len(layers) > MAX_LAYERS:
+            raise ProgramProblem(f"metadata key 'layers' lists more than {MAX_LAYERS:,} layers")
     out["layers"] = layers
     for key in ("example_inputs", "reference_outputs"):
         items = need(key, list)

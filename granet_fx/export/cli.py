@@ -347,6 +347,9 @@ def _module_from_state_dict(path: str, state: object, factory: str) -> nn.Module
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise UsageError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UsageError(f"{path}: {bad} holds NaN or infinite values; refusing to export it")
     module = _call_factory(factory)
     masks = {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
     masks = {k: v for k, v in masks.items() if k in state}

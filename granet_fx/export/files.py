@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 
@@ -10,12 +11,15 @@ import tempfile
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it to ``path``.
 
-    A failure leaves ``path`` as it was and no temporary file behind. The new
-    file gets the mode an ordinary ``open(path, "wb")`` would give it.
+    A failure leaves ``path`` as it was and no temporary file behind; the
+    temporary file of a writer that was killed is removed by the next write
+    to ``path`` (``remove_stale_temporaries``). The new file gets the mode an
+    ordinary ``open(path, "wb")`` would give it.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -29,6 +33,50 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary files of ``path`` left by writers that no longer run; returns their names.
+
+    A writer names its temporary file ``.NAME.PID.RANDOM.tmp``; one whose
+    process is gone (killed while writing) is removed. Files of a live writer
+    are kept.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.") + r"(\d+)\.[\w-]+\.tmp")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in names:
+        match = pattern.fullmatch(entry)
+        if match and not _alive(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(folder, entry))
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (torch's state-dict errors list the keys on later lines)."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True     # another user's process (or an impossible id): leave its file alone
+    return True
 
 
 def check_writable(path: str | os.PathLike) -> str | None:
@@ -90,11 +138,11 @@ def read_bounded(path: str | os.PathLike, *, limit: int = MAX_FILE_BYTES, what: 
                             "(set GRANET_FX_MAX_FILE_BYTES to allow more)")
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            data = f.read(min(limit, info.st_size) + 1)   # Python allocates what read() is asked for
     except OSError as e:
         raise FileReadError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > limit:
-        raise FileReadError(f"{path} grew past {limit:,} bytes while it was read")
+    if len(data) > min(limit, info.st_size):
+        raise FileReadError(f"{path} grew while it was read")
     if not data:
         raise FileReadError(f"{path} is empty")
     return data

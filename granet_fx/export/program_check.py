@@ -145,9 +145,22 @@ def check_expression(text: Any) -> None:
 
 
 def check_target(target: Any) -> None:
-    """Accept ATen/prims operators and the few Python functions on sizes that graphs call."""
+    """Accept existing ATen/prims operators and the few Python functions on sizes that graphs call."""
     if not isinstance(target, str) or not (_OP_TARGET.fullmatch(target) or target in PYTHON_TARGETS):
         raise ProgramProblem(f"the graph calls {str(target)[:100]!r}, which is not a standard ATen operator")
+    if _OP_TARGET.fullmatch(target) and not _op_exists(target):
+        raise ProgramProblem(f"the graph calls {target[:100]!r}, which this torch does not have")
+
+
+def _op_exists(target: str) -> bool:
+    import torch
+
+    _, _, namespace, name, *overload = target.split(".")
+    try:
+        packet = getattr(getattr(torch.ops, namespace), name)
+        return not overload or overload[0] in packet.overloads()
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def check_spec(spec: Any, what: str) -> None:
