@@ -45,12 +45,14 @@ METHODS = [
     ("SET", "set", 0.0),
     ("RigL", "rigl", 0.0),
     ("GMP", "gmp", 0.0),
+    ("FGGP", "fggp", 0.0),
     ("GraNet (s_i=0)", "granet", 0.0),
     ("GraNet-ST (s_i=0.5)", "granet", 0.5),
 ]
 # The paper's claims, as (a, b, claim): a should beat b.
 CLAIMS = [
     ("GraNet (s_i=0)", "GMP", "regrowth helps gradual pruning (GraNet beats GMP)"),
+    ("FGGP", "GraNet (s_i=0)", "FGGP beats GraNet-style gradual pruning (the FGGP paper's claim)"),
     ("GraNet-ST (s_i=0.5)", "RigL", "GraNet-ST beats RigL at the same training steps"),
     ("GraNet-ST (s_i=0.5)", "SET", "GraNet-ST beats SET at the same training steps"),
 ]
@@ -88,6 +90,8 @@ def make_jobs(args) -> list[dict]:
     for seed in range(args.seeds):
         for sparsity in args.sparsities:
             for label, method, initial in METHODS:
+                if args.methods and label not in args.methods:
+                    continue
                 if method == "dense" and sparsity != args.sparsities[0]:
                     continue
                 config = gf.GraNetConfig(method=method, final_sparsity=sparsity, initial_sparsity=initial,
@@ -172,6 +176,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeds per method and sparsity (default 3)")
     parser.add_argument("--steps", type=int, help="training steps per run (default 3000)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    parser.add_argument("--methods", nargs="+", metavar="LABEL", choices=[m[0] for m in METHODS],
+                        help="run only these methods, by label (default: all)")
     parser.add_argument("--samples", type=int, default=20_000, help="MNIST-1D samples, 80%% train (default 20000)")
     parser.add_argument("--jobs", type=int, default=2, help="training processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process (default 1)")

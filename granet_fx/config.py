@@ -6,14 +6,14 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-METHODS = ("granet", "gmp", "rigl", "set", "static", "dense")
+METHODS = ("granet", "gmp", "fggp", "rigl", "set", "static", "dense")
 DISTRIBUTIONS = ("erk", "uniform")
 SCOPES = ("global", "layer")
 GRANULARITIES = ("unstructured", "channel")  # and "n:m", for example "2:4"
 # Methods whose masks start at the final sparsity and never change their density.
 FIXED_DENSITY_METHODS = ("rigl", "set", "static")
 # Methods that prune gradually along the cubic schedule.
-PRUNING_METHODS = ("granet", "gmp")
+PRUNING_METHODS = ("granet", "gmp", "fggp")
 # Methods that drop and regrow connections at update steps.
 REGROWTH_METHODS = ("granet", "rigl", "set")
 
@@ -46,6 +46,7 @@ class GraNetConfig:
     scope: str = "global"
     granularity: str = "unstructured"
     channel_multiple: int = 1  # granularity="channel": layers keep a multiple of this many channels
+    select_ratio: float = 0.5  # method="fggp": share of active weights, smallest |gradient| first, that may be pruned
     exclude: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
 
@@ -121,6 +122,10 @@ class GraNetConfig:
                 f"regrow_fraction_min ({self.regrow_fraction_min}) must not exceed "
                 f"regrow_fraction ({self.regrow_fraction})"
             )
+        if not isinstance(self.select_ratio, (int, float)) or not 0.0 < self.select_ratio <= 1.0:
+            raise ValueError(f"select_ratio must be in (0, 1]; got {self.select_ratio!r}")
+        if self.method == "fggp" and self.granularity != "unstructured":
+            raise ValueError("method='fggp' prunes single weights: it needs granularity='unstructured'")
         if not isinstance(self.update_every, int) or self.update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
         if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:

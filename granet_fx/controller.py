@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
-from .criteria import drop_smallest, grow_largest, prune_global
+from .criteria import drop_smallest, grow_largest, prune_global, prune_gradient_first
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
 from .sparsify import initial_counts, mask_units, sparse_info, unwrap
@@ -135,7 +135,7 @@ class GraNet:
         if not self._units:             # every weight stays dense (sparsify warned why): nothing to update
             return False
         prune, regrow = self._prunes_at(t), self._regrows_at(t)
-        if regrow:
+        if regrow or (prune and self.config.method == "fggp"):   # FGGP prunes by gradient too
             size = self._gradient_size()
             if not math.isfinite(size):
                 warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=2)
@@ -171,15 +171,25 @@ class GraNet:
             self.apply_masks()
             return
         scores = [w.abs() for w in self._weights]
+        if c.method == "fggp":
+            grads = [g if g is not None else torch.zeros_like(w)
+                     for g, w in ((self._grad(i), self._weight(i)) for i in range(len(self._units)))]
         if c.scope == "global":
             keep = round((1.0 - self.target_sparsity(t)) * sum(m.numel() for m in self._masks))
-            new = prune_global(scores, self._masks, keep)
+            if c.method == "fggp":
+                new = prune_gradient_first(scores, grads, self._masks, keep, c.select_ratio)
+            else:
+                new = prune_global(scores, self._masks, keep)
         else:
             new = []
-            for s, m, n0, nf in zip(scores, self._masks, self._start_counts, self._final_counts):
+            for i, (s, m, n0, nf) in enumerate(zip(scores, self._masks, self._start_counts, self._final_counts)):
                 n = m.numel()
                 sparsity = cubic_sparsity(t, 1 - n0 / n, 1 - nf / n, c.prune_start, c.prune_end_step)
-                new.append(drop_smallest(s, m, int(m.sum()) - round((1.0 - sparsity) * n)))
+                keep = round((1.0 - sparsity) * n)
+                if c.method == "fggp":
+                    new.append(prune_gradient_first([s], [grads[i]], [m], keep, c.select_ratio)[0])
+                else:
+                    new.append(drop_smallest(s, m, int(m.sum()) - keep))
         for m, n in zip(self._masks, new):
             m.copy_(n)
         self.apply_masks()

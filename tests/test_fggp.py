@@ -57,3 +57,42 @@ def test_ties_go_by_position_and_no_layer_is_emptied():
     # keep=1 would empty a layer: each keeps one entry
     got = prune_gradient_first(scores, grads, masks, keep=1, select_ratio=1.0)
     assert [int(k.sum()) for k in got] == [1, 1]
+
+
+def test_the_controller_prunes_gradient_first_at_a_pruning_step():
+    import granet_fx as gf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    config = gf.GraNetConfig(method="fggp", final_sparsity=0.6, total_steps=4, prune_start=1, prune_end=1,
+                             update_every=1, select_ratio=0.7)
+    sparse = gf.sparsify(model, config)
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.0)    # the weights stay as they are
+    granet = gf.GraNet(sparse, optimizer)
+    sparse(torch.randn(8, 6)).pow(2).sum().backward()
+    optimizer.step()
+    names = ["0.weight", "2.weight"]
+    weights = [sparse.get_parameter(n).detach().abs().clone() for n in names]
+    grads = [sparse.get_parameter(n).grad.clone() for n in names]
+    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    keep = round(0.4 * sum(w.numel() for w in weights))
+    assert granet.step()
+    want = brute_force(weights, grads, masks, keep, 0.7)
+    got = granet.masks()
+    assert all(torch.equal(got[n], w) for n, w in zip(names, want))
+    assert abs(granet.report().global_sparsity - (1 - keep / 45)) < 1e-9
+    for _ in range(3):                                            # no regrowth: the masks only stay
+        sparse(torch.randn(8, 6)).pow(2).sum().backward()
+        optimizer.step()
+        granet.step()
+    assert all(torch.equal(granet.masks()[n], w) for n, w in zip(names, want))
+
+
+def test_fggp_settings_are_checked():
+    import pytest
+    import granet_fx as gf
+
+    with pytest.raises(ValueError, match="select_ratio"):
+        gf.GraNetConfig(method="fggp", select_ratio=0.0)
+    with pytest.raises(ValueError, match="unstructured"):
+        gf.GraNetConfig(method="fggp", granularity="channel")

@@ -252,7 +252,7 @@ def test_bad_config_mutated_later_is_caught_by_sparsify():
 
 
 def test_allowed_values_are_listed():
-    with pytest.raises(ValueError, match="'granet', 'gmp', 'rigl', 'set', 'static', 'dense'"):
+    with pytest.raises(ValueError, match="'granet', 'gmp', 'fggp', 'rigl', 'set', 'static', 'dense'"):
         cfg(method="GraNet!")
 
 
