@@ -24,7 +24,7 @@ from .archive import (ArchiveError, export_program, is_archive, load_bytes, name
                       read_file)
 from .console import ArgumentParser, UsageError, first_line
 from .files import atomic_write, check_writable, same_file
-from .onnx_export import ExportError, check, max_abs_error, rename_outputs, run_onnxruntime, to_onnx
+from .onnx_export import ExportError, check, max_abs_error, portable, rename_outputs, run_onnxruntime, to_onnx
 from .quantize import agreement, load_calibration, quantize_int8
 from .safe_zip import ZipProblem, read_entries, write_entries
 from .sparse_initializers import LAYOUTS, store_sparse
@@ -142,27 +142,17 @@ def _export(args) -> int:
         source, compaction = _compacted(source)
         args.dynamic_batch = args.dynamic_batch or source.dynamic_batch
     _progress("exporting to ONNX (torch.export, then torch.onnx.export with dynamo)")
+    program = _program(source, args.dynamic_batch)
     try:
-        dense = to_onnx(_program(source, args.dynamic_batch), opset=args.opset)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    rename_outputs(dense, source.output_names)
-    final, sparse_names = dense, []
-    if not args.dense_initializers and not args.quantize:
-        _progress(f"storing weights sparse ({args.sparse_layout} layout)")
-        final, sparse_names = store_sparse(dense, args.sparse_layout)
-    full = args.dense_initializers or args.sparse_layout == "constant"
-    _progress(f"checking with onnx.checker (full_check={full})")
-    try:
-        check(final, full=full)
-    except Exception as e:
-        raise ExportError(f"onnx.checker rejects the model: {first_line(e)}") from None
-    data = final.SerializeToString()
-    _progress("running it in onnxruntime on the reference inputs")
-    try:
-        outputs = run_onnxruntime(data, source.inputs)
-    except Exception as e:
-        raise ExportError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+        dense, final, sparse_names, data, outputs = _onnx(program, source, args)
+    except ExportError as first:
+        # The exporter may also write a file that the checker or onnxruntime refuses (BEiT's relative
+        # position index): try once more with the portable program, else report the first failure.
+        _progress(f"{first}; exporting again with attention decomposed and views as reshapes")
+        try:
+            dense, final, sparse_names, data, outputs = _onnx(portable(program), source, args)
+        except ExportError:
+            raise first from None
     error = max_abs_error(outputs, source.reference)
     scale = max([1.0] + [float(t.double().abs().max()) for t in source.reference if t.numel()])
     limit = args.tolerance * scale
@@ -183,6 +173,32 @@ def _export(args) -> int:
     print(SPEED_NOTE if compaction is None else COMPACT_NOTE)
     print(f"wrote {args.output} ({len(data):,} bytes) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _onnx(program: torch.export.ExportedProgram, source: Source, args):
+    """The ONNX model of ``program`` (dense and as written), its bytes and onnxruntime's outputs, checked."""
+    try:
+        dense = to_onnx(program, opset=args.opset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rename_outputs(dense, source.output_names)
+    final, sparse_names = dense, []
+    if not args.dense_initializers and not args.quantize:
+        _progress(f"storing weights sparse ({args.sparse_layout} layout)")
+        final, sparse_names = store_sparse(dense, args.sparse_layout)
+    full = args.dense_initializers or args.sparse_layout == "constant"
+    _progress(f"checking with onnx.checker (full_check={full})")
+    try:
+        check(final, full=full)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejects the model: {first_line(e)}") from None
+    data = final.SerializeToString()
+    _progress("running it in onnxruntime on the reference inputs")
+    try:
+        outputs = run_onnxruntime(data, source.inputs)
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+    return dense, final, sparse_names, data, outputs
 
 
 def _quantized(args, float_model: bytes, source: Source) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 class UsageError(ValueError):
@@ -17,6 +18,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    text = str(e).strip().splitlines()
+    """The first line of an exception's message, without terminal colour codes (its type name when it has none)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -25,11 +25,8 @@ class ExportError(RuntimeError):
 def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) -> onnx.ModelProto:
     """Export ``program`` with ``torch.onnx.export(dynamo=True)``, without its console output.
 
-    When the exporter fails, the program is made portable and exported once
-    more: every ``view`` becomes a ``reshape`` and the program is decomposed
-    to core ATen first. (transformers' SDPA attention records a ``view`` that
-    is valid for the fused kernel's output strides but not for the exporter's
-    own decomposition; the dense model fails the same way.)
+    When the exporter fails, the program is made ``portable`` and exported
+    once more (the dense model of Swin or T5 fails the same way).
 
     The IR version is set to the lowest one that the opsets need (the exporter
     may write a newer one than onnxruntime reads). Raises ``ExportError`` when
@@ -40,7 +37,7 @@ def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) 
         exported = _quiet_export(program, opset)
     except Exception as first:
         try:
-            exported = _quiet_export(_portable(program), opset)
+            exported = _quiet_export(portable(program), opset)
         except Exception:
             raise ExportError(f"torch.onnx.export failed{_where(first)}: {first_line(first)}") from None
     model = exported.model_proto
@@ -67,13 +64,21 @@ def _quiet_export(program: torch.export.ExportedProgram, opset: int | None):
             logger.setLevel(level)
 
 
-def _portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` (changed in place, same results) with reshapes for views, decomposed to core ATen."""
+def portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with its attention decomposed into matmuls and softmax and every ``view`` a ``reshape``.
+
+    The same results. transformers' SDPA attention records views that hold for
+    the fused kernel's output strides but not for the exporter's own
+    decomposition; decomposing only attention (not all of core ATen) leaves
+    in-place writes such as BEiT's relative position index as they are.
+    """
+    table = {op: f for op, f in torch.export.default_decompositions().items() if "scaled_dot_product" in str(op)}
+    program = program.run_decompositions(table)
     for node in program.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default
     program.graph_module.recompile()
-    return program.run_decompositions()
+    return program
 
 
 def _where(e: Exception) -> str:

@@ -1,0 +1,69 @@
+"""The HuggingFace zoo (tests/zoo.py) through the whole chain: sparsify, coverage, train, compile, save, export, ONNX.
+
+The default run takes four models of different families through the chain,
+compiled with the aot_eager backend; ``-m slow`` takes every model of the zoo
+through it, compiled with inductor. ``benchmarks/zoo.py`` writes the same
+results as a table.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import KNOWN_EXTERNAL, STAGES, ZOO, matmul_weights, run_chain
+
+DEFAULT = ("llama", "t5", "resnet", "wav2vec2")
+
+CASES = [pytest.param(n, "aot_eager", id=f"{n}-aot_eager") for n in DEFAULT] + \
+        [pytest.param(n, "inductor", id=f"{n}-inductor", marks=pytest.mark.slow) for n in ZOO]
+
+
+def test_the_zoo_spans_the_families():
+    families = {s.family for s in ZOO.values()}
+    assert {"text encoder", "decoder", "MoE decoder", "encoder-decoder", "audio", "vision transformer",
+            "vision CNN", "text and image"} <= families
+    assert len(ZOO) >= 30
+    assert {ZOO[n].family for n in DEFAULT} >= {"decoder", "encoder-decoder", "vision CNN", "audio"}
+
+
+class Uses(nn.Module):
+    """Weights reaching matmul-family ops in the ways HF models use them, and some that do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)                            # tied: also the output projection
+        self.experts = nn.Parameter(torch.randn(3, 4, 4))         # indexed per expert, then F.linear
+        self.mix = nn.Parameter(torch.randn(4, 4))                # einsum
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 1))   # weight = g * v / |v|
+        self.pos = nn.Parameter(torch.randn(5, 4))                # added, not multiplied
+        self.unused = nn.Linear(4, 4)                             # never called
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        h = F.linear(h, self.experts[int(ids[0, 0]) % 3].t())
+        h = torch.einsum("bti,io->bto", h, self.mix)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return h @ self.emb.weight.T
+
+
+def test_weight_recorder_finds_the_matmul_weights_through_views_indexing_and_parametrizations():
+    used, embeddings = matmul_weights(Uses(), (torch.randint(0, 10, (2, 5)),))
+    assert set(used) == {"emb.weight", "experts", "mix", "conv.parametrizations.weight.original1"}
+    assert used["experts"] == {"linear"} and used["mix"] == {"einsum"}
+    assert embeddings == {"emb.weight"}
+
+
+@pytest.mark.parametrize("name, backend", CASES)
+def test_whole_chain(name, backend, tmp_path):
+    result = run_chain(name, backend, tmp_path)
+    known = KNOWN_EXTERNAL.get((name, backend))
+    if known is not None:
+        stage, match, why = known
+        # a known failure outside granet_fx: the same stage, the same error, and the dense model fails there too
+        if result.failed == stage and match in result.reason + result.dense and result.dense.startswith("dense fails too"):
+            pytest.xfail(why)
+        assert result.failed, f"{name} now passes every stage: remove it from KNOWN_EXTERNAL"
+    assert result.passed, (f"{name} fails at {result.failed} (after {result.reached or 'nothing'}): "
+                           f"{result.reason}; {result.dense}")
+    assert result.reached == STAGES[-1]
