@@ -201,7 +201,7 @@ def load_bytes(data: bytes, path: str | os.PathLike) -> SavedModel:
     entries, metadata = _checked(path, data)
     try:
         with _quiet_torch_export():
-            program = torch.export.load(io.BytesIO(write_entries(entries)))
+            program = _load_program(write_entries(entries))
     except Exception as e:
         raise ArchiveError(f"{path} is a damaged granet_fx archive: torch.export.load failed: {first_line(e)}") from None
     saved = SavedModel(
@@ -225,16 +225,28 @@ def load_bytes(data: bytes, path: str | os.PathLike) -> SavedModel:
     return saved
 
 
+def _load_program(data: bytes) -> torch.export.ExportedProgram:
+    """The program in the checked zip ``data``: torch.export.load's reader without its fallback to the
+    pre-2.8 format (which this archive never is), so that its own error, not a generic one, is raised."""
+    try:
+        from torch.export.pt2_archive._package import load_pt2
+    except ImportError:
+        return torch.export.load(io.BytesIO(data))
+    return load_pt2(io.BytesIO(data)).exported_programs[MODEL]
+
+
 @contextlib.contextmanager
 def _quiet_torch_export():
     """Keep torch.export's deserializer from logging a traceback of its own: the error says what failed."""
-    logger = logging.getLogger("torch._export.serde.serialize")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def read_file(path: str | os.PathLike) -> bytes:
