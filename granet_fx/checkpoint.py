@@ -136,6 +136,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (torch's state-dict errors list the keys on later lines)."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
+
+
 def _header(payload: bytes) -> bytes:
     fields = {"format": FORMAT, "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
               "version": VERSION}

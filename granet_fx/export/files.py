@@ -61,12 +61,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's whole message on one line (torch's state-dict errors list the keys on later lines)."""
-    text = " ".join(str(e).split())
-    return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
