@@ -37,6 +37,13 @@ def command() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def write_outputs(out: str, text: str, data: dict) -> None:
+    """Print ``text`` and write it to ``out``.txt, and ``data`` to ``out``.json, atomically."""
+    print(text)
+    bench.write_json(data, out + ".json")
+    bench.write_atomic(out + ".txt", text)
+
+
 def write(name: str, text: str, data: dict) -> None:
     """Write results/<name>.txt and results/<name>.json, atomically."""
     RESULTS.mkdir(exist_ok=True)

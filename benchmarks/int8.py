@@ -29,14 +29,14 @@ import onnx
 import torch
 
 import granet_fx as gf
-from granet_fx.export.bench import format_table, machine, run, write_atomic, write_json
+from granet_fx.export.bench import format_table, machine, run
 from granet_fx.export.onnx_export import run_onnxruntime
 from granet_fx.export.quantize import quantize_int8
 from granet_fx.mnist1d import load_mnist1d, train_mnist1d
 from granet_fx.models import Mnist1dCNN, resnet18
 from granet_fx.report import columns
 
-from common import command
+from common import command, write_outputs
 from speedup import export, prune_channels
 
 TARGET_SPEEDUP = 1.5
@@ -123,10 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         speed(args, tmp, lines, results)
         agreement(args, tmp, lines, results)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_json(results, args.out + ".json")
-    write_atomic(args.out + ".txt", text)
+    write_outputs(args.out, "\n".join(lines) + "\n", results)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import torch
 
 import granet_fx as gf
 from granet_fx.export.archive import export_program
-from granet_fx.export.bench import format_table, machine, run, write_atomic, write_json
+from granet_fx.export.bench import format_table, machine, run
 from granet_fx.export.onnx_export import to_onnx
 from granet_fx.models import resnet18
 from granet_fx.report import columns
 
-from common import command
+from common import command, write_outputs
 
 TARGET = 0.9
 
@@ -122,10 +122,7 @@ def main() -> None:
     lines += ["", "speedup = dense median latency / compacted median latency; FLOPs ratio = dense / compacted "
               "FLOPs counted in the ONNX graphs (the limit)"]
     lines += details
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_json(results, args.out + ".json")
-    write_atomic(args.out + ".txt", text)
+    write_outputs(args.out, "\n".join(lines) + "\n", results)
 
 
 if __name__ == "__main__":

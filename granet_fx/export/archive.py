@@ -52,7 +52,7 @@ from ..report import LayerReport
 from ..sparsify import INFO_ATTR, count_macs, sparse_info, unwrap
 from .console import first_line
 from .files import FileReadError, atomic_write, read_bounded
-from .program_check import ELEMENT_SIZE, ProgramProblem, check_payloads, check_program, parse_json
+from .program_check import ProgramProblem, check_payloads, check_program, parse_json
 from .safe_zip import ZipProblem, read_entries, write_entries
 
 FORMAT = "granet_fx.archive"
@@ -141,13 +141,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any) -> N
     plain = (fold(model) if kind == "sparse" else copy.deepcopy(model)).eval()
     with torch.no_grad():   # on the model's device: CPU and GPU kernels do not agree to the bit
         on_device = tuple(t.to(_device(model)) for t in inputs)
-        tree = plain(*on_device)
+        names, outputs = named_outputs(plain(*on_device))
         if kind == "sparse":
             with training_mode(model, False):
                 masked = flat_tensors(model(*on_device))
-            if not _same(masked, flat_tensors(tree)):
+            if not _same(masked, outputs):
                 raise RuntimeError("granet_fx: the folded model computes something else than the masked model")
-    names, outputs = named_outputs(tree)
     if not all(torch.isfinite(t).all() for t in outputs if t.is_floating_point() or t.is_complex()):
         raise ValueError("the model's outputs on example_inputs are not all finite (NaN or inf); "
                          "save needs finite reference outputs to check exports against")

@@ -144,13 +144,13 @@ def _export(args) -> int:
     _progress("exporting to ONNX (torch.export, then torch.onnx.export with dynamo)")
     program = _program(source, args.dynamic_batch)
     try:
-        dense, final, sparse_names, data, outputs = _onnx(program, source, args)
+        dense, sparse_names, data, outputs = _onnx(program, source, args)
     except ExportError as first:
         # The exporter may also write a file that the checker or onnxruntime refuses (BEiT's relative
         # position index): try once more with the portable program, else report the first failure.
         _progress(f"{first}; exporting again with attention decomposed and views as reshapes")
         try:
-            dense, final, sparse_names, data, outputs = _onnx(portable(program), source, args)
+            dense, sparse_names, data, outputs = _onnx(portable(program), source, args)
         except ExportError:
             raise first from None
     error = max_abs_error(outputs, source.reference)
@@ -176,7 +176,8 @@ def _export(args) -> int:
 
 
 def _onnx(program: torch.export.ExportedProgram, source: Source, args):
-    """The ONNX model of ``program`` (dense and as written), its bytes and onnxruntime's outputs, checked."""
+    """The dense ONNX model of ``program``, the names of the weights stored sparse, the bytes to write
+    and onnxruntime's outputs on the reference inputs, checked."""
     try:
         dense = to_onnx(program, opset=args.opset)
     except ValueError as e:
@@ -198,7 +199,7 @@ def _onnx(program: torch.export.ExportedProgram, source: Source, args):
         outputs = run_onnxruntime(data, source.inputs)
     except Exception as e:
         raise ExportError(f"onnxruntime cannot run the model: {first_line(e)}") from None
-    return dense, final, sparse_names, data, outputs
+    return dense, sparse_names, data, outputs
 
 
 def _quantized(args, float_model: bytes, source: Source) -> bytes:
@@ -213,13 +214,14 @@ def _quantized(args, float_model: bytes, source: Source) -> bytes:
             raise UsageError(str(e)) from None
     else:
         calibration = [[t.numpy() for t in source.inputs]]
-    fixed = onnx.load_from_string(float_model).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    model = onnx.load_from_string(float_model)
+    fixed = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
     if fixed:   # a model with a fixed batch size is calibrated in batches of that size
         arrays = [np.concatenate(parts) for parts in zip(*calibration)]
         calibration = [[a[i:i + fixed] for a in arrays] for i in range(0, len(arrays[0]) - fixed + 1, fixed)]
     _progress(f"quantizing to int8 (onnxruntime static quantization, "
               f"{sum(len(b[0]) for b in calibration)} calibration sample(s))")
-    int8 = quantize_int8(onnx.load_from_string(float_model), calibration).SerializeToString()
+    int8 = quantize_int8(model, calibration).SerializeToString()
     result = agreement(float_model, int8, calibration)
     print(result)
     if result.top1 is not None and not result.top1 >= args.min_agreement:

@@ -25,9 +25,6 @@ class ExportError(RuntimeError):
 def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) -> onnx.ModelProto:
     """Export ``program`` with ``torch.onnx.export(dynamo=True)``, without its console output.
 
-    When the exporter fails, the program is made ``portable`` and exported
-    once more (the dense model of Swin or T5 fails the same way).
-
     The IR version is set to the lowest one that the opsets need (the exporter
     may write a newer one than onnxruntime reads). Raises ``ExportError`` when
     the export fails, naming the operator and source line it failed on where
@@ -35,11 +32,8 @@ def to_onnx(program: torch.export.ExportedProgram, *, opset: int | None = None) 
     """
     try:
         exported = _quiet_export(program, opset)
-    except Exception as first:
-        try:
-            exported = _quiet_export(portable(program), opset)
-        except Exception:
-            raise ExportError(f"torch.onnx.export failed{_where(first)}: {first_line(first)}") from None
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed{_where(e)}: {first_line(e)}") from None
     model = exported.model_proto
     got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:
@@ -67,7 +61,8 @@ def _quiet_export(program: torch.export.ExportedProgram, opset: int | None):
 def portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``program`` with its attention decomposed into matmuls and softmax and every ``view`` a ``reshape``.
 
-    The same results. transformers' SDPA attention records views that hold for
+    The same results; granet-export exports it when the program as it is fails
+    (in the exporter, the checker or onnxruntime). transformers' SDPA attention records views that hold for
     the fused kernel's output strides but not for the exporter's own
     decomposition; decomposing only attention (not all of core ATen) leaves
     in-place writes such as BEiT's relative position index as they are.
