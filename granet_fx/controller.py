@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
 from .criteria import drop_smallest, grow_largest, prune_global, prune_gradient_first
+from .distributed import comm_for, is_sharded, local, row_offset, shard_like
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
 from .sparsify import initial_counts, mask_units, sparse_info, unwrap
@@ -32,6 +33,11 @@ class GraNet:
     (one 3-D parameter) counts as one layer per expert: each has its own
     regrowth count, its own row in the report (``name[i]``) and competes with
     every other layer in global pruning.
+
+    Under FSDP2 (``fully_shard`` after ``sparsify``, then the controller) each
+    rank keeps the mask rows of its weight shard, and every selection is exact
+    across ranks: the masks are the ones a single process would choose. Call
+    ``step()`` on every rank.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
@@ -45,6 +51,10 @@ class GraNet:
         self._params = [self.model.get_parameter(l.name) for l in masked]
         self._param_masks = [self.model.get_buffer(l.mask_name) for l in masked]
         self._units = mask_units(masked)
+        self._comm = comm_for(self._params)
+        self._offsets = [0] * len(masked)     # first global row of each weight's local shard
+        if self._comm.world > 1:
+            self._shard_masks(masked)
         by_layer = {id(l): i for i, l in enumerate(masked)}
         self._unit_param = [by_layer[id(u.layer)] for u in self._units]
         self._names = [u.name for u in self._units]
@@ -62,19 +72,39 @@ class GraNet:
         self._final_counts = initial_counts(self.config, shapes, self.config.final_sparsity)
         self._start_counts = initial_counts(self.config, shapes, self.config.start_sparsity)
         self._structured = structured_masks(self.model, info)  # None for unstructured sparsity
+        if self._structured is not None and self._comm.world > 1:
+            raise ValueError(f"granet_fx: granularity={self.config.granularity!r} is not supported on sharded "
+                             "(FSDP2) weights; use unstructured sparsity, or DDP")
         self._count_active()
         self.apply_masks()
 
-    # Each unit's part of its weight, mask and gradient (views: writing to them writes the whole).
+    def _shard_masks(self, masked) -> None:
+        """Replace each whole mask buffer by a DTensor sharded like its weight: this rank's rows only."""
+        for j, (layer, w) in enumerate(zip(masked, self._params)):
+            self._offsets[j] = row_offset(w.shape[0], local(w).shape[0], self._comm)
+            owner, _, name = layer.mask_name.rpartition(".")
+            holder = self.model.get_submodule(owner)
+            holder.register_buffer(name, shard_like(holder.get_buffer(name), w, self._offsets[j]))
+            self._param_masks[j] = holder.get_buffer(name)
+
+    # Each unit's part of its weight, mask and gradient on this rank (views: writing to them writes the
+    # whole). Under FSDP2, an expert of a stack lives on one rank and is empty on the others.
+    def _part(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        unit, t = self._units[i], local(t)
+        if unit.index is None:
+            return t
+        at = unit.index - self._offsets[self._unit_param[i]]
+        return t[at] if 0 <= at < t.shape[0] else t.new_empty(0)
+
     def _weight(self, i: int) -> torch.Tensor:
-        return self._units[i].of(self._params[self._unit_param[i]])
+        return self._part(i, self._params[self._unit_param[i]])
 
     def _mask(self, i: int) -> torch.Tensor:
-        return self._units[i].of(self._param_masks[self._unit_param[i]])
+        return self._part(i, self._param_masks[self._unit_param[i]])
 
     def _grad(self, i: int) -> torch.Tensor | None:
         grad = self._params[self._unit_param[i]].grad
-        return None if grad is None else self._units[i].of(grad)
+        return None if grad is None else self._part(i, grad)
 
     @property
     def _weights(self) -> list[torch.Tensor]:
@@ -157,11 +187,11 @@ class GraNet:
     def apply_masks(self) -> None:
         """Zero pruned weights and the optimizer state shaped like them (momentum, Adam moments)."""
         for w, m in zip(self._params, self._param_masks):
-            m = m.view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
-            w.mul_(m)
+            m = local(m).view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
+            local(w).mul_(m)
             for value in self.optimizer.state.get(w, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == w.shape:
-                    value.mul_(m)
+                    local(value).mul_(m)
 
     @torch.no_grad()
     def _prune(self, t: int) -> None:
@@ -174,22 +204,23 @@ class GraNet:
         if c.method == "fggp":
             grads = [g if g is not None else torch.zeros_like(w)
                      for g, w in ((self._grad(i), self._weight(i)) for i in range(len(self._units)))]
+        comm = self._comm
         if c.scope == "global":
-            keep = round((1.0 - self.target_sparsity(t)) * sum(m.numel() for m in self._masks))
+            keep = round((1.0 - self.target_sparsity(t)) * sum(u.numel for u in self._units))
             if c.method == "fggp":
-                new = prune_gradient_first(scores, grads, self._masks, keep, c.select_ratio)
+                new = prune_gradient_first(scores, grads, self._masks, keep, c.select_ratio, comm)
             else:
-                new = prune_global(scores, self._masks, keep)
+                new = prune_global(scores, self._masks, keep, comm)
         else:
             new = []
             for i, (s, m, n0, nf) in enumerate(zip(scores, self._masks, self._start_counts, self._final_counts)):
-                n = m.numel()
+                n = self._units[i].numel
                 sparsity = cubic_sparsity(t, 1 - n0 / n, 1 - nf / n, c.prune_start, c.prune_end_step)
                 keep = round((1.0 - sparsity) * n)
                 if c.method == "fggp":
-                    new.append(prune_gradient_first([s], [grads[i]], [m], keep, c.select_ratio)[0])
+                    new.append(prune_gradient_first([s], [grads[i]], [m], keep, c.select_ratio, comm)[0])
                 else:
-                    new.append(drop_smallest(s, m, int(m.sum()) - keep))
+                    new.append(drop_smallest(s, m, self._count(m) - keep, comm))
         for m, n in zip(self._masks, new):
             m.copy_(n)
         self.apply_masks()
@@ -201,33 +232,49 @@ class GraNet:
             self._structured.regrow(fraction, self._generator if self.config.method == "set" else None)
             self.apply_masks()
             return
+        comm = self._comm
         for i in range(len(self._units)):
             w, m, grad = self._weight(i), self._mask(i), self._grad(i)
             if grad is None:
                 continue
-            n = math.ceil(fraction * int(torch.count_nonzero(m)))
-            kept = drop_smallest(w.abs(), m, n)
+            n = math.ceil(fraction * self._count(m))
+            kept = drop_smallest(w.abs(), m, n, comm)
             if self.config.method == "set":
-                score = torch.rand(m.shape, generator=self._generator).to(m.device)
+                score = self._random_scores(i).to(m.device)
             else:
                 score = grad.abs()
-            m.copy_(grow_largest(score, kept, n))
+            m.copy_(grow_largest(score, kept, n, comm))
         self.apply_masks()
 
+    def _count(self, mask: torch.Tensor) -> int:
+        """Active entries of one unit's mask, over all ranks."""
+        return self._comm.sum([int(torch.count_nonzero(mask))])[0]
+
+    def _random_scores(self, i: int) -> torch.Tensor:
+        """SET's random scores for unit i on this rank: the whole unit's draw, cut to the local rows,
+        so that every world size draws the same numbers."""
+        scores = torch.rand(self._units[i].shape, generator=self._generator)
+        if self._comm.world == 1 or self._units[i].index is not None:
+            return scores if self._weight(i).numel() else scores.new_empty(0)
+        rows = self._weight(i).shape[0]
+        start = self._offsets[self._unit_param[i]]
+        return scores[start:start + rows]
+
     def _gradient_size(self) -> float:
-        """Sum of |gradient| over the masked weights: not finite if an entry is not (or on overflow),
-        zero after an empty batch."""
-        grads = [w.grad for w in self._params if w.grad is not None]
+        """Sum of |gradient| over the masked weights (all ranks): not finite if an entry is not (or on
+        overflow), zero after an empty batch."""
+        grads = [local(w.grad) for w in self._params if w.grad is not None]
         if not grads:
             raise RuntimeError(
                 "granet_fx: no gradients at a mask update; call granet.step() after "
                 "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
             )
-        return float(sum(torch.linalg.vector_norm(g, 1, dtype=torch.float32) for g in grads))
+        return self._comm.sum([float(sum(torch.linalg.vector_norm(g, 1, dtype=torch.float32) for g in grads))])[0]
 
     # Book-keeping ----------------------------------------------------------
     def _count_active(self) -> None:
-        self._active = {n: int(torch.count_nonzero(m)) for n, m in zip(self._names, self._masks)}
+        counts = self._comm.sum([int(torch.count_nonzero(m)) for m in self._masks])
+        self._active = dict(zip(self._names, counts))
         if self._structured is not None:
             self._active.update(self._structured.active())
 
@@ -251,8 +298,13 @@ class GraNet:
         return rows
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """A copy of every mask: weight name (``name[i]`` for expert i of a stack) -> bool tensor (True = kept)."""
+        """A copy of every mask: weight name (``name[i]`` for expert i of a stack) -> bool tensor (True = kept).
+        Under FSDP2, this rank's rows (gather them with the model's mask buffers' ``full_tensor()``)."""
         return {n: m.clone() for n, m in zip(self._names, self._masks)}
+
+    def mask_bytes(self) -> int:
+        """Bytes of mask this rank holds (under FSDP2 about 1/world of the whole)."""
+        return sum(local(m).numel() * local(m).element_size() for m in self._param_masks)
 
     def report(self) -> SparsityReport:
         layers = self._layer_reports()

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .distributed import LOCAL, Comm, allot_last
+
 
 # Layer densities ------------------------------------------------------------
 
@@ -94,9 +96,15 @@ def random_mask(shape: Sequence[int], keep: int, generator: torch.Generator | No
 
 
 # Pruning, dropping, growing ---------------------------------------------------
+#
+# Every selection takes a ``comm``: with the default ``LOCAL`` the tensors are
+# whole; under FSDP2 they are this rank's rows of each tensor, and the result
+# is the one a single process holding the whole tensors would get (the same
+# entries, ties included: the global order is tensor by tensor, rank by rank).
 
 
-def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
+def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int,
+                 comm: Comm = LOCAL) -> list[torch.Tensor]:
     """Keep the ``keep`` active entries with the largest score over all layers together.
 
     Ties at the threshold are broken by position: the earliest (layer order,
@@ -105,28 +113,22 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     one (largest score, the last among equals) and the rest compete for what is
     left; ``keep`` is raised to the number of layers with an active entry if smaller.
     """
-    counts = [int(torch.count_nonzero(m)) for m in masks]
+    counts = _counts(masks, comm)
     keep = max(keep, sum(c > 0 for c in counts))
     n_drop = sum(counts) - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    kept = _keep_above(scores, masks, n_drop, sum(counts))
-    if all(k.any() for k, c in zip(kept, counts) if c):
+    kept = _keep_above(scores, masks, n_drop, sum(counts), comm)
+    if _none_emptied(kept, counts, comm):
         return kept
-    best = [_best(s, m) if c else None for s, m, c in zip(scores, masks, counts)]
-    rest = [m.clone() for m in masks]
-    for r, b in zip(rest, best):
-        if b is not None:
-            r.view(-1)[b] = False
-    kept = _keep_above(scores, rest, n_drop, sum(counts) - sum(b is not None for b in best))
-    for k, b in zip(kept, best):
-        if b is not None:
-            k.view(-1)[b] = True
-    return kept
+    best = _best(scores, masks, counts, comm)
+    kept = _keep_above(scores, _without(masks, best), n_drop, sum(counts) - sum(c > 0 for c in counts), comm)
+    return _with(kept, best)
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
-                         masks: Sequence[torch.Tensor], keep: int, select_ratio: float = 0.5) -> list[torch.Tensor]:
+                         masks: Sequence[torch.Tensor], keep: int, select_ratio: float = 0.5,
+                         comm: Comm = LOCAL) -> list[torch.Tensor]:
     """FGGP's pruning step: keep ``keep`` active entries, choosing what goes gradient first, then by magnitude.
 
     The candidates are the ``select_ratio`` share of all active entries with
@@ -137,7 +139,7 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
     should the choice empty a layer, every layer keeps its best-scored entry
     and the others are chosen from the rest.
     """
-    counts = [int(torch.count_nonzero(m)) for m in masks]
+    counts = _counts(masks, comm)
     total = sum(counts)
     n_drop = total - max(keep, sum(c > 0 for c in counts))
     if n_drop <= 0:
@@ -146,74 +148,104 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
     size = max(int(select_ratio * total), n_drop)
 
     def without_dropped(pool: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-        candidates = [m & ~k for m, k in zip(pool, _keep_above(grads, pool, min(size, count), count))]
-        spared = _keep_above(scores, candidates, n_drop, min(size, count))
+        candidates = [m & ~k for m, k in zip(pool, _keep_above(grads, pool, min(size, count), count, comm))]
+        spared = _keep_above(scores, candidates, n_drop, min(size, count), comm)
         return [m & ~(c & ~k) for m, c, k in zip(pool, candidates, spared)]
 
     kept = without_dropped(masks, total)
-    if all(k.any() for k, c in zip(kept, counts) if c):
+    if _none_emptied(kept, counts, comm):
         return kept
-    best = [_best(s, m) if c else None for s, m, c in zip(scores, masks, counts)]   # as in prune_global
+    best = _best(scores, masks, counts, comm)    # as in prune_global
+    return _with(without_dropped(_without(masks, best), total - sum(c > 0 for c in counts)), best)
+
+
+def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
+    """Active entries per mask, over all ranks."""
+    return comm.sum([int(torch.count_nonzero(m)) for m in masks])
+
+
+def _none_emptied(kept: Sequence[torch.Tensor], counts: Sequence[int], comm: Comm) -> bool:
+    """True when every mask that had an active entry still has one."""
+    left = comm.sum([int(k.any()) for k in kept])
+    return all(n > 0 for n, c in zip(left, counts) if c)
+
+
+def _keep_above(scores, masks, n_drop: int, count: int, comm: Comm = LOCAL) -> list[torch.Tensor]:
+    """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
+    value, _, not_above = _kth_smallest(scores, masks, n_drop, count, comm)
+    kept = [m & (s.detach().float() > value) for s, m in zip(scores, masks)]
+    ties_kept = not_above - n_drop
+    if ties_kept > 0:
+        ties = [m & ~k & (s.detach().float() == value) for s, m, k in zip(scores, masks, kept)]
+        table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
+        for k, t, n in zip(kept, ties, allot_last(table, ties_kept, comm.rank)):
+            if n:
+                k.view(-1)[t.flatten().nonzero().squeeze(1)[-n:]] = True
+    return kept
+
+
+def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[int | None]:
+    """Per mask with an active entry, the flat index (on the rank that holds it, None elsewhere) of the
+    active entry with the largest score, the last one among equals."""
+    local = []
+    for s, m in zip(scores, masks):
+        flat = torch.where(m, s.detach().float(), -math.inf).flatten()
+        top = flat.max() if flat.numel() else torch.tensor(-math.inf)
+        local.append((top, int((flat == top).nonzero()[-1]) if m.any() else None))
+    table = comm.table(torch.stack([t for t, _ in local]).double())   # (world, masks)
+    best = []
+    for u, ((top, index), c) in enumerate(zip(local, counts)):
+        column = table[:, u]
+        owner = int((column == column.max()).nonzero()[-1])
+        best.append(index if c and owner == comm.rank else None)
+    return best
+
+
+def _without(masks, best) -> list[torch.Tensor]:
     rest = [m.clone() for m in masks]
     for r, b in zip(rest, best):
         if b is not None:
             r.view(-1)[b] = False
-    kept = without_dropped(rest, total - sum(b is not None for b in best))
+    return rest
+
+
+def _with(kept, best) -> list[torch.Tensor]:
     for k, b in zip(kept, best):
         if b is not None:
             k.view(-1)[b] = True
     return kept
 
 
-def _keep_above(scores, masks, n_drop: int, count: int) -> list[torch.Tensor]:
-    """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
-    value, _, not_above = _kth_smallest(scores, masks, n_drop, count)
-    kept = [m & (s.detach().float() > value) for s, m in zip(scores, masks)]
-    ties_kept = not_above - n_drop
-    for s, m, k in reversed(list(zip(scores, masks, kept))):
-        if ties_kept <= 0:
-            break
-        ties = (m & ~k & (s.detach().float() == value)).flatten().nonzero().squeeze(1)
-        back = ties[max(ties.numel() - ties_kept, 0):]
-        k.view(-1)[back] = True
-        ties_kept -= back.numel()
-    return kept
-
-
-def _best(score: torch.Tensor, mask: torch.Tensor) -> int:
-    """Flat index of the active entry with the largest score, the last one among equals."""
-    flat = torch.where(mask, score.detach().float(), -math.inf).flatten()
-    return int((flat == flat.max()).nonzero()[-1])
-
-
-def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL) -> torch.Tensor:
     """Deactivate the ``n`` active entries with the smallest score."""
-    return mask & ~_extreme(score, mask, n, largest=False)
+    return mask & ~_extreme(score, mask, n, largest=False, comm=comm)
 
 
-def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL) -> torch.Tensor:
     """Activate the ``n`` inactive entries with the largest score."""
-    return mask | _extreme(score, ~mask, n, largest=True)
+    return mask | _extreme(score, ~mask, n, largest=True, comm=comm)
 
 
-def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
+def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool, comm: Comm = LOCAL) -> torch.Tensor:
     """The ``n`` candidate entries with the smallest (or largest) score, as a bool mask.
 
     Ties at the threshold go to the lowest flat indices.
     """
-    count = int(torch.count_nonzero(candidates))
+    count = _counts([candidates], comm)[0]
     n = min(n, count)
     if n <= 0:
         return torch.zeros_like(candidates)
     s = score.detach().float()
-    value, below, not_above = _kth_smallest([s], [candidates], count - n + 1 if largest else n, count)
+    value, below, not_above = _kth_smallest([s], [candidates], count - n + 1 if largest else n, count, comm)
     if largest:
         chosen, extra = candidates & (s >= value), count - below - n
     else:
         chosen, extra = candidates & (s <= value), not_above - n
     if extra > 0:               # too many ties at the threshold: give back those with the highest indices
-        ties = (chosen & (s == value)).flatten().nonzero().squeeze(1)
-        chosen.view(-1)[ties[ties.numel() - extra:]] = False
+        ties = chosen & (s == value)
+        back = allot_last(comm.table(torch.tensor([int(torch.count_nonzero(ties))])), extra, comm.rank)[0]
+        if back:
+            chosen.view(-1)[ties.flatten().nonzero().squeeze(1)[-back:]] = False
     return chosen
 
 
@@ -223,9 +255,9 @@ SAMPLE = 1 << 14    # sampled positions that bracket a selection; smaller inputs
 
 
 def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int,
-                  count: int) -> tuple[float, int, int]:
+                  count: int, comm: Comm = LOCAL) -> tuple[float, int, int]:
     """The ``k``-th smallest (from 1) of the ``count`` scores where ``masks`` is True, over all
-    tensors together, and how many of those scores are below it and how many are not above it.
+    tensors (and ranks) together, and how many of those scores are below it and how many are not above it.
 
     Exact, but it neither gathers nor selects among all candidates (Floyd and
     Rivest's idea): a random sample brackets the answer, one pass counts the
@@ -234,30 +266,36 @@ def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
     """
     device = masks[0].device
     scores = [s.detach().float() for s in scores]
-    lo, hi = _bracket(scores, masks, k, count)
-    below, inside = 0, []
-    for s, m in zip(scores, masks):
-        below += int(torch.count_nonzero(m & (s < lo)))
-        inside.append(s[m & (s >= lo) & (s <= hi)].to(device))
-    inside = torch.cat(inside)
-    if not below < k <= below + inside.numel():
-        below, inside = 0, torch.cat([s[m].to(device) for s, m in zip(scores, masks)])
+    lo, hi = _bracket(scores, masks, k, count, comm)
+    while True:
+        below, inside = 0, []
+        for s, m in zip(scores, masks):
+            if lo > -math.inf:
+                below += int(torch.count_nonzero(m & (s < lo)))
+            inside.append(s[m & (s >= lo) & (s <= hi)].to(device))
+        below = comm.sum([below])[0]
+        inside = comm.cat(torch.cat(inside))
+        if below < k <= below + inside.numel() or (lo, hi) == (-math.inf, math.inf):
+            break
+        lo, hi = -math.inf, math.inf
     value = torch.kthvalue(inside, k - below).values
     lower, not_above = (int(torch.count_nonzero(c)) for c in (inside < value, inside <= value))
     return value.item(), below + lower, below + not_above
 
 
-def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int, count: int) -> tuple[float, float]:
+def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int, count: int,
+             comm: Comm = LOCAL) -> tuple[float, float]:
     """Two scores that very likely enclose the ``k``-th smallest candidate, from a seeded random sample."""
-    total = sum(m.numel() for m in masks)
+    total = comm.sum([sum(m.numel() for m in masks)])[0]
     if total <= SAMPLE:
         return -math.inf, math.inf
-    generator = torch.Generator().manual_seed(k)
-    picked = []
+    generator = torch.Generator().manual_seed(k * comm.world + comm.rank)
+    picked = [torch.empty(0, device=masks[0].device)]
     for s, m in zip(scores, masks):
-        at = torch.randint(m.numel(), (max(1, SAMPLE * m.numel() // total),), generator=generator).to(m.device)
-        picked.append(s.reshape(-1)[at][m.reshape(-1)[at]].to(masks[0].device))
-    sample = torch.cat(picked).sort().values
+        if m.numel():
+            at = torch.randint(m.numel(), (max(1, SAMPLE * m.numel() // total),), generator=generator).to(m.device)
+            picked.append(s.reshape(-1)[at][m.reshape(-1)[at]].to(masks[0].device))
+    sample = comm.cat(torch.cat(picked)).sort().values
     rank = k / count * sample.numel()
     margin = 4.0 * math.sqrt(sample.numel()) + 2.0   # the rank's spread is at most sqrt(n) / 2
     low, high = math.floor(rank - margin), math.ceil(rank + margin)

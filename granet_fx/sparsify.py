@@ -110,6 +110,24 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _keep_predicate(model: nn.Module, keep_modules: Sequence[type[nn.Module] | str]):
+    """``keep_modules`` as the tracer's test (module, name) -> bool; None when empty. Unknown names are refused."""
+    if isinstance(keep_modules, (str, type)):
+        keep_modules = [keep_modules]
+    types = tuple(k for k in keep_modules if isinstance(k, type))
+    names = {k for k in keep_modules if isinstance(k, str)}
+    wrong = [k for k in keep_modules if not isinstance(k, (str, type))]
+    if wrong or any(not issubclass(t, nn.Module) for t in types):
+        raise TypeError("keep_modules holds module classes or module names (str); got "
+                        f"{', '.join(repr(k) for k in wrong or types)}")
+    unknown = sorted(names - {n for n, _ in model.named_modules()})
+    if unknown:
+        raise ValueError(f"keep_modules names modules that {type(model).__name__} does not have: {', '.join(unknown)}")
+    if not (types or names):
+        return None
+    return lambda m, name: isinstance(m, types) or name in names
+
+
 def initial_counts(config: GraNetConfig, shapes: Sequence[Sequence[int]], sparsity: float) -> list[int]:
     """Weights kept per layer at ``sparsity``, spread by ``config.distribution``, adding up exactly."""
     numels = [math.prod(s) for s in shapes]
@@ -123,7 +141,8 @@ def initial_counts(config: GraNetConfig, shapes: Sequence[Sequence[int]], sparsi
 
 
 
-def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_inputs: Any = None) -> nn.Module:
+def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_inputs: Any = None,
+             keep_modules: Sequence[type[nn.Module] | str] = ()) -> nn.Module:
     """Rewrite ``model`` so that every conv/linear/matmul weight passes through a mask.
 
     ``config`` defaults to ``GraNetConfig()`` (GraNet, 90% final sparsity); its
@@ -138,6 +157,11 @@ def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_in
     trace reads (Mixtral's grouped-matmul experts) are found by running the
     model, and masked there. Warns once about every weight (a parameter of two
     or more dimensions) that feeds computation but stays dense.
+
+    ``keep_modules`` (module classes, or names as in ``named_modules``) are
+    kept as module calls, each traced on its own, instead of being traced into
+    their parent's graph: give it the modules you will ``fully_shard`` (FSDP2
+    gathers a module's weights when that module is called) or checkpoint.
     """
     if config is None:
         config = GraNetConfig()
@@ -156,7 +180,7 @@ def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_in
     macs = count_macs(model, example_inputs) if example_inputs is not None else {}
     reference = _run(model, example_inputs) if example_inputs is not None else None
 
-    new, pieces = trace_pieces(model)
+    new, pieces = trace_pieces(model, keep=_keep_predicate(model, keep_modules))
     if reference is not None:
         _check_same_outputs(reference, _run(new, example_inputs))
 

@@ -41,6 +41,32 @@ class Branchy(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
+class Block(nn.Module):
+    def __init__(self, d=18, h=27):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Net(nn.Module):
+    """Two residual blocks; row counts 18, 27, 18, 27, 18, 5 (uneven shards over 2 and 4 ranks, one empty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 18)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.out = nn.Linear(18, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
 def batches(n, shape, classes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(*shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g)) for _ in range(n)]

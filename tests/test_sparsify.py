@@ -11,7 +11,7 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.passes import is_mask_node
 
-from helpers import MLP, SmallCNN
+from helpers import MLP, Block, Net, SmallCNN
 
 
 def cfg(**kw):
@@ -286,3 +286,26 @@ def test_deepcopy_and_whole_model_pickle_keep_a_working_sparse_model(tmp_path):
         assert torch.equal(other(x), model(x))
         assert [l.name for l in gf.sparse_info(other).masked] == ["conv1.weight", "conv2.weight", "fc.weight"]
         gf.GraNet(other, torch.optim.SGD(other.parameters(), lr=0.1))  # the controller accepts the copy
+
+
+def test_keep_modules_stay_module_calls_and_are_still_masked():
+    torch.manual_seed(0)
+    original = Net()
+    x = torch.randn(4, 12)
+    expected = original(x)
+    model = gf.sparsify(original, gf.GraNetConfig(total_steps=10, initial_sparsity=0.0), keep_modules=[Block])
+    calls = [n.target for n in model.graph.nodes if n.op == "call_module"]
+    assert calls == ["blocks.0", "blocks.1"]
+    masks = sorted(n for n, _ in model.named_buffers() if n.endswith("_mask"))
+    assert masks == sorted(f"{m}.weight_mask" for m in
+                           ["inp", "out", "blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"])
+    torch.testing.assert_close(model(x), expected)
+    by_name = gf.sparsify(Net(), gf.GraNetConfig(total_steps=10), keep_modules=["blocks.1"])
+    assert [n.target for n in by_name.graph.nodes if n.op == "call_module"] == ["blocks.1"]
+
+
+def test_keep_modules_names_what_is_wrong():
+    with pytest.raises(ValueError, match="does not have: blocks.7"):
+        gf.sparsify(MLP(), gf.GraNetConfig(total_steps=10), keep_modules=["blocks.7"])
+    with pytest.raises(TypeError, match="module classes or module names"):
+        gf.sparsify(MLP(), gf.GraNetConfig(total_steps=10), keep_modules=[3])

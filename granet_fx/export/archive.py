@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..config import GraNetConfig
+from ..distributed import is_sharded
 from ..fold import fold
 from ..passes.compact import REPORT_ATTR
 from ..passes.ops import WEIGHT_MODULES
@@ -135,6 +136,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any) -> N
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors")
     model = unwrap(model)
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(
+            "granet_fx: the model's weights are sharded (FSDP2); gather them first, on every rank: "
+            "state = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)); then on rank 0 load it into "
+            "the unsharded model (sparsify the same architecture with the same config) and save that"
+        )
     kind = "sparse" if getattr(model, INFO_ATTR, None) is not None else (
         "compacted" if getattr(model, REPORT_ATTR, None) is not None else "dense")
     inputs = tuple(t.detach().cpu() for t in inputs)

@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 from torch import fx, nn
 
+from ..distributed import is_sharded
 from .ops import weight_uses
 
 
@@ -29,7 +30,21 @@ class _StraightThroughMask(torch.autograd.Function):
 
 
 def mask_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mask node: ``weight * mask`` with a dense straight-through gradient."""
+    """The mask node: ``weight * mask`` with a dense straight-through gradient.
+
+    Under FSDP2 the mask is sharded (this rank's rows) while the weight arrives
+    whole: the controller has already zeroed the pruned weights on their
+    shards after the optimizer step, so the weight is used as it is.
+    """
+    if is_sharded(mask):
+        if is_sharded(weight):
+            raise RuntimeError(
+                "granet_fx: a masked weight is still sharded when the model reads it: its module was "
+                "fully_shard-ed, but sparsify traced that module into its parent's graph, so its forward "
+                "(where FSDP2 gathers the weight) never runs; pass the modules you shard to "
+                "sparsify(..., keep_modules=[...]) so that their calls stay calls"
+            )
+        return weight
     return _StraightThroughMask.apply(weight, mask)
 
 

@@ -11,13 +11,17 @@ A model that does not trace whole is traced piecewise: a submodule whose code
 fx cannot trace becomes an opaque leaf of its parent's graph and is then
 traced on its own, down to single conv/linear layers if need be. Every
 conv/linear that runs through ``Module.__call__`` ends up in some graph.
+
+Modules chosen to be kept (``keep``) stay calls in their parent's graph and
+are traced on their own, so that wrappers working on module calls (FSDP2's
+``fully_shard``, activation checkpointing) still see them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import fx, nn
 from torch.nn.utils import parametrize
@@ -45,13 +49,14 @@ _TRACED_THROUGH = WEIGHT_MODULES + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.C
 class _Tracer(fx.Tracer):
     """Traces through conv/linear modules; remembers the innermost module that failed."""
 
-    def __init__(self, opaque: set[str] = frozenset()):  # no arguments: how torch re-creates it when unpickling
-        super().__init__()
+    def __init__(self, opaque: set[str] = frozenset(), keep: Callable[[nn.Module, str], bool] | None = None):
+        super().__init__()    # (no arguments is how torch re-creates it when unpickling)
         self.opaque = opaque
+        self.keep = keep
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque:
+        if qualname in self.opaque or (self.keep is not None and self.keep(m, qualname)):
             return True
         if isinstance(m, _TRACED_THROUGH):
             return False
@@ -86,7 +91,7 @@ def training_mode(module: nn.Module, mode: bool) -> Iterator[None]:
             m.training = was_training
 
 
-def _trace_graph(module: nn.Module) -> tuple[fx.Graph, set[str]] | None:
+def _trace_graph(module: nn.Module, keep=None) -> tuple[fx.Graph, set[str]] | None:
     """Trace ``module``, turning submodules that fx cannot trace into opaque leaves.
 
     A submodule fails when its code does not trace, or when its graph depends on
@@ -98,7 +103,7 @@ def _trace_graph(module: nn.Module) -> tuple[fx.Graph, set[str]] | None:
     for _ in range(n_modules + 1):
         graphs = []
         for mode in (True, False):
-            tracer = _Tracer(opaque)
+            tracer = _Tracer(opaque, keep)
             try:
                 with training_mode(module, mode):
                     graphs.append(tracer.trace(module))
@@ -175,21 +180,24 @@ def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def trace_pieces(module: nn.Module, prefix: str = "") -> tuple[nn.Module, list[Piece]]:
+def trace_pieces(module: nn.Module, prefix: str = "",
+                 keep: Callable[[nn.Module, str], bool] | None = None) -> tuple[nn.Module, list[Piece]]:
     """Rewrite ``module`` into traced pieces; returns the new module and its pieces.
 
     The new module is a GraphModule when ``module`` traced (with its untraceable
     parts as leaves), else ``module`` itself with traced children. Submodules
     are replaced in place, so ``module`` should not be used afterwards.
+    ``keep(submodule, name)`` (the name from the root) picks submodules that
+    stay calls in their parent's graph and are traced on their own.
     """
     join = (lambda name: f"{prefix}.{name}" if prefix else name)
-    traced = _trace_graph(module)
+    traced = _trace_graph(module, None if keep is None else (lambda m, name: keep(m, join(name))))
     if traced is None:
         pieces: list[Piece] = []
         for name, child in list(module.named_children()):
             if not has_weight_modules(child):
                 continue
-            new_child, sub = trace_pieces(child, join(name))
+            new_child, sub = trace_pieces(child, join(name), keep)
             if new_child is not child:
                 setattr(module, name, new_child)
             pieces += sub
@@ -204,7 +212,7 @@ def trace_pieces(module: nn.Module, prefix: str = "") -> tuple[nn.Module, list[P
         child = module.get_submodule(qualname)
         if not has_weight_modules(child):
             continue
-        new_child, sub = trace_pieces(child, join(qualname))
+        new_child, sub = trace_pieces(child, join(qualname), keep)
         if new_child is not child:
             _set_submodule(module, qualname, new_child)
             _set_submodule(gm, qualname, new_child)
