@@ -161,46 +161,77 @@ class GraNet:
             self._train_macs += self._sparse_macs()
         self.step_count += 1
         t = self.step_count
-        self.apply_masks()
+        prune, regrow = self._updates_at(t)
+        if not (prune or regrow) or self._structured is not None:
+            self.apply_masks()
+            if not (prune or regrow):
+                return False
+        if self._structured is not None:
+            self._update_structured(t, prune, regrow)
+        else:
+            self._update(t, prune, regrow)
+        self._count_active()
+        return True
+
+    def _updates_at(self, t: int) -> tuple[bool, bool]:
+        """Whether step ``t`` prunes and whether it regrows, given the gradient it has."""
         if not self._units:             # every weight stays dense (sparsify warned why): nothing to update
-            return False
+            return False, False
         prune, regrow = self._prunes_at(t), self._regrows_at(t)
         if regrow or (prune and self.config.method == "fggp"):   # FGGP prunes by gradient too
             size = self._gradient_size()
             if not math.isfinite(size):
-                warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=2)
-                return False
+                warnings.warn(f"granet_fx: non-finite gradient at step {t}; mask update skipped", stacklevel=3)
+                return False, False
             if size == 0.0:
                 warnings.warn(f"granet_fx: gradient zero everywhere (an empty batch?) at step {t}; "
-                              "regrowth skipped", stacklevel=2)
+                              "regrowth skipped", stacklevel=3)
                 regrow = False
-        if not (prune or regrow):
-            return False
-        if prune:
-            self._prune(t)
-        if regrow:
-            self._regrow(t)
-        self._count_active()
-        return True
+        return prune, regrow
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero pruned weights and the optimizer state shaped like them (momentum, Adam moments)."""
         for w, m in zip(self._params, self._param_masks):
-            m = local(m).view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
-            local(w).mul_(m)
-            for value in self.optimizer.state.get(w, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == w.shape:
-                    local(value).mul_(m)
+            self._zero(w, local(m), local)
+
+    def _zero(self, w: torch.Tensor, mask: torch.Tensor, part) -> None:
+        """Multiply ``part`` of the weight ``w``, and of its optimizer state, by ``mask``."""
+        m = mask.view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
+        part(w).mul_(m)
+        for value in self.optimizer.state.get(w, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                part(value).mul_(m)
 
     @torch.no_grad()
-    def _prune(self, t: int) -> None:
-        c = self.config
-        if self._structured is not None:
-            self._structured.prune(self.target_sparsity(t), c.scope)
+    def _update(self, t: int, prune: bool, regrow: bool) -> None:
+        """Prune, then regrow, then re-mask the weights and their optimizer state once.
+
+        The weights kept are those active both after pruning and after
+        regrowth: a regrown connection starts from zero, as if the masks had
+        been applied after each stage.
+        """
+        current = self._masks
+        magnitudes = [w.abs() for w in self._weights] if prune else None   # (regrowth reuses them)
+        masks = self._pruned(t, magnitudes) if prune else current
+        final = self._regrown(t, masks, magnitudes) if regrow else masks
+        kept = [m & f for m, f in zip(masks, final)] if regrow else masks
+        for i, (m, f, k) in enumerate(zip(current, final, kept)):
+            if f is not m:
+                m.copy_(f)
+            self._zero(self._params[self._unit_param[i]], k, lambda x, i=i: self._part(i, x))
+
+    def _update_structured(self, t: int, prune: bool, regrow: bool) -> None:
+        if prune:
+            self._structured.prune(self.target_sparsity(t), self.config.scope)
             self.apply_masks()
-            return
-        scores = [w.abs() for w in self._weights]
+        if regrow:
+            self._structured.regrow(self.regrow_fraction(t), self._generator if self.config.method == "set" else None)
+            self.apply_masks()
+
+    def _pruned(self, t: int, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The masks after step ``t``'s pruning by ``scores`` (|w|; new tensors)."""
+        c = self.config
         if c.method == "fggp":
             grads = [g if g is not None else torch.zeros_like(w)
                      for g, w in ((self._grad(i), self._weight(i)) for i in range(len(self._units)))]
@@ -208,43 +239,38 @@ class GraNet:
         if c.scope == "global":
             keep = round((1.0 - self.target_sparsity(t)) * sum(u.numel for u in self._units))
             if c.method == "fggp":
-                new = prune_gradient_first(scores, grads, self._masks, keep, c.select_ratio, comm)
+                return prune_gradient_first(scores, grads, self._masks, keep, c.select_ratio, comm)
+            return prune_global(scores, self._masks, keep, comm)
+        new = []
+        for i, (s, m, n0, nf) in enumerate(zip(scores, self._masks, self._start_counts, self._final_counts)):
+            n = self._units[i].numel
+            sparsity = cubic_sparsity(t, 1 - n0 / n, 1 - nf / n, c.prune_start, c.prune_end_step)
+            keep = round((1.0 - sparsity) * n)
+            if c.method == "fggp":
+                new.append(prune_gradient_first([s], [grads[i]], [m], keep, c.select_ratio, comm)[0])
             else:
-                new = prune_global(scores, self._masks, keep, comm)
-        else:
-            new = []
-            for i, (s, m, n0, nf) in enumerate(zip(scores, self._masks, self._start_counts, self._final_counts)):
-                n = self._units[i].numel
-                sparsity = cubic_sparsity(t, 1 - n0 / n, 1 - nf / n, c.prune_start, c.prune_end_step)
-                keep = round((1.0 - sparsity) * n)
-                if c.method == "fggp":
-                    new.append(prune_gradient_first([s], [grads[i]], [m], keep, c.select_ratio, comm)[0])
-                else:
-                    new.append(drop_smallest(s, m, self._count(m) - keep, comm))
-        for m, n in zip(self._masks, new):
-            m.copy_(n)
-        self.apply_masks()
+                new.append(drop_smallest(s, m, self._count(m) - keep, comm))
+        return new
 
-    @torch.no_grad()
-    def _regrow(self, t: int) -> None:
+    def _regrown(self, t: int, masks: list[torch.Tensor], magnitudes: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """``masks`` after step ``t``'s drop and regrowth in every layer (new tensors where they change);
+        ``magnitudes``: |w| when already computed."""
         fraction = self.regrow_fraction(t)
-        if self._structured is not None:
-            self._structured.regrow(fraction, self._generator if self.config.method == "set" else None)
-            self.apply_masks()
-            return
         comm = self._comm
-        for i in range(len(self._units)):
-            w, m, grad = self._weight(i), self._mask(i), self._grad(i)
+        new = []
+        for i, m in enumerate(masks):
+            grad = self._grad(i)
             if grad is None:
+                new.append(m)
                 continue
             n = math.ceil(fraction * self._count(m))
-            kept = drop_smallest(w.abs(), m, n, comm)
+            kept = drop_smallest(self._weight(i).abs() if magnitudes is None else magnitudes[i], m, n, comm)
             if self.config.method == "set":
                 score = self._random_scores(i).to(m.device)
             else:
                 score = grad.abs()
-            m.copy_(grow_largest(score, kept, n, comm))
-        self.apply_masks()
+            new.append(grow_largest(score, kept, n, comm))
+        return new
 
     def _count(self, mask: torch.Tensor) -> int:
         """Active entries of one unit's mask, over all ranks."""

@@ -268,12 +268,14 @@ def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
     scores = [s.detach().float() for s in scores]
     lo, hi = _bracket(scores, masks, k, count, comm)
     while True:
-        below, inside = 0, []
-        for s, m in zip(scores, masks):
-            if lo > -math.inf:
-                below += int(torch.count_nonzero(m & (s < lo)))
-            inside.append(s[m & (s >= lo) & (s <= hi)].to(device))
-        below = comm.sum([below])[0]
+        not_below, inside = 0, []
+        for s, m in zip(scores, masks):     # as few passes as possible: these tensors are the whole model
+            chosen = m if lo == -math.inf else torch.ge(s, lo).logical_and_(m)
+            not_below += int(torch.count_nonzero(chosen))
+            if hi < math.inf:
+                chosen = torch.le(s, hi).logical_and_(chosen)
+            inside.append(s[chosen].to(device))
+        below = count - comm.sum([not_below])[0]
         inside = comm.cat(torch.cat(inside))
         if below < k <= below + inside.numel() or (lo, hi) == (-math.inf, math.inf):
             break

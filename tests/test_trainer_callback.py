@@ -299,6 +299,19 @@ def test_ddp_two_processes(tmp_path):
 
 
 # FSDP2 ------------------------------------------------------------------------------------------------------
+def test_fsdp_asked_for_but_not_sharded_warns():
+    """On CPU accelerate trains with DDP when TrainingArguments ask for FSDP: the callback says so."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    model, callback = make("gpt2"), GraNetCallback(config())
+    callback.on_init_end(None, TrainerState(), TrainerControl(), model=model)
+    with pytest.warns(UserWarning, match="asks for FSDP but the model's weights are not sharded"):
+        callback.on_train_begin(SimpleNamespace(fsdp=["full_shard"]), TrainerState(max_steps=STEPS), TrainerControl(),
+                                model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def fsdp2_worker():
     """One gloo process: a BERT sharded by fully_shard reaches on_train_begin; prints the error it gets."""
     import tempfile

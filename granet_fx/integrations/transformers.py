@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import GraNetConfig
 from ..controller import GraNet
+from ..distributed import is_sharded
 from ..export.console import first_line
 from ..export.files import atomic_write
 from ..sparsify import INFO_ATTR, sparse_info, sparsify, unwrap
@@ -81,6 +82,9 @@ class GraNetCallback(TrainerCallback):
                 "granet_fx: the model's weights are sharded (FSDP2 DTensors), and GraNetCallback does not drive a "
                 "sharded model yet: train with DDP (leave fsdp out of TrainingArguments)"
             )
+        if args.fsdp:
+            warnings.warn("granet_fx: TrainingArguments asks for FSDP but the model's weights are not sharded "
+                          "(on CPU, accelerate trains with DDP instead); GraNet runs as under DDP", stacklevel=2)
         _set_total_steps(model, state.max_steps)
         self.granet = GraNet(model, optimizer)
         if resuming:
@@ -214,11 +218,7 @@ def _is_sparsified(model: nn.Module | None) -> bool:
 
 def _is_sharded(model: nn.Module) -> bool:
     """True when a parameter is a DTensor (what FSDP2's ``fully_shard`` turns the weights into)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:     # a torch built without distributed support
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def _check_same_config(mine: GraNetConfig, model_config: GraNetConfig) -> None:
