@@ -196,12 +196,12 @@ class GraNet:
             self._zero(w, local(m), local)
 
     def _zero(self, w: torch.Tensor, mask: torch.Tensor, part) -> None:
-        """Multiply ``part`` of the weight ``w``, and of its optimizer state, by ``mask``."""
-        m = mask.view(torch.uint8)  # the same bytes; multiplying by uint8 is about twice as fast as by bool
-        part(w).mul_(m)
+        """Zero ``part`` of the weight ``w``, and of its optimizer state, where ``mask`` is False."""
+        pruned = ~mask      # masked_fill_ by it is about twice as fast as multiplying by the mask
+        part(w).masked_fill_(pruned, 0)
         for value in self.optimizer.state.get(w, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == w.shape:
-                part(value).mul_(m)
+                part(value).masked_fill_(pruned, 0)
 
     @torch.no_grad()
     def _update(self, t: int, prune: bool, regrow: bool) -> None:
@@ -263,8 +263,9 @@ class GraNet:
             if grad is None:
                 new.append(m)
                 continue
-            n = math.ceil(fraction * self._count(m))
-            kept = drop_smallest(self._weight(i).abs() if magnitudes is None else magnitudes[i], m, n, comm)
+            active = self._count(m)
+            n = math.ceil(fraction * active)
+            kept = drop_smallest(self._weight(i).abs() if magnitudes is None else magnitudes[i], m, n, comm, active)
             if self.config.method == "set":
                 score = self._random_scores(i).to(m.device)
             else:

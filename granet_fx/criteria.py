@@ -216,37 +216,45 @@ def _with(kept, best) -> list[torch.Tensor]:
     return kept
 
 
-def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL) -> torch.Tensor:
-    """Deactivate the ``n`` active entries with the smallest score."""
-    return mask & ~_extreme(score, mask, n, largest=False, comm=comm)
+def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL,
+                  count: int | None = None) -> torch.Tensor:
+    """Deactivate the ``n`` active entries with the smallest score; among equals, the lowest flat
+    indices go first. ``count``: the active entries, when already known."""
+    count = _counts([mask], comm)[0] if count is None else count
+    n = min(n, count)
+    if n <= 0:
+        return mask.clone()
+    s = score.detach().float()
+    value, _, not_above = _kth_smallest([s], [mask], n, count, comm)
+    kept = torch.gt(s, value).logical_and_(mask)
+    _set_last_ties(kept, True, mask, s, value, not_above - n, comm)
+    return kept
 
 
 def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL) -> torch.Tensor:
-    """Activate the ``n`` inactive entries with the largest score."""
-    return mask | _extreme(score, ~mask, n, largest=True, comm=comm)
-
-
-def _extreme(score: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool, comm: Comm = LOCAL) -> torch.Tensor:
-    """The ``n`` candidate entries with the smallest (or largest) score, as a bool mask.
-
-    Ties at the threshold go to the lowest flat indices.
-    """
+    """Activate the ``n`` inactive entries with the largest score; among equals, the lowest flat
+    indices first."""
+    candidates = ~mask
     count = _counts([candidates], comm)[0]
     n = min(n, count)
     if n <= 0:
-        return torch.zeros_like(candidates)
+        return mask.clone()
     s = score.detach().float()
-    value, below, not_above = _kth_smallest([s], [candidates], count - n + 1 if largest else n, count, comm)
-    if largest:
-        chosen, extra = candidates & (s >= value), count - below - n
-    else:
-        chosen, extra = candidates & (s <= value), not_above - n
-    if extra > 0:               # too many ties at the threshold: give back those with the highest indices
-        ties = chosen & (s == value)
-        back = allot_last(comm.table(torch.tensor([int(torch.count_nonzero(ties))])), extra, comm.rank)[0]
-        if back:
-            chosen.view(-1)[ties.flatten().nonzero().squeeze(1)[-back:]] = False
-    return chosen
+    value, below, _ = _kth_smallest([s], [candidates], count - n + 1, count, comm)
+    grown = torch.ge(s, value).logical_and_(candidates)
+    _set_last_ties(grown, False, candidates, s, value, count - below - n, comm)
+    return grown.logical_or_(mask)
+
+
+def _set_last_ties(out: torch.Tensor, to: bool, pool: torch.Tensor, s: torch.Tensor, value: float, n: int,
+                   comm: Comm) -> None:
+    """Set in ``out`` the ``n`` entries of ``pool`` scored ``value`` with the highest flat indices (over all ranks)."""
+    if n <= 0:
+        return
+    ties = torch.eq(s, value).logical_and_(pool)
+    mine = allot_last(comm.table(torch.tensor([int(torch.count_nonzero(ties))])), n, comm.rank)[0]
+    if mine:
+        out.view(-1)[ties.flatten().nonzero().squeeze(1)[-mine:]] = to
 
 
 # Exact selection without sorting --------------------------------------------------
