@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -34,7 +35,8 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def command() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    """The command line, quoted so that it can be pasted back (arguments may hold spaces and parentheses)."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
 def write_outputs(out: str, text: str, data: dict) -> None:

@@ -1,6 +1,8 @@
 """MNIST-1D accuracy of channel GraNet vs unstructured GraNet at equal inference FLOPs.
 
     python benchmarks/mnist1d_channel.py     # writes benchmarks/results/mnist1d_channel.txt and .json
+    python benchmarks/mnist1d_channel.py --compare channel_floor=0,0.5 --sparsity 0.5,0.75,0.9 --seeds 5
+                                             # writes benchmarks/results/mnist1d_channel_floor.txt and .json
 
 For each seed and channel sparsity, channel GraNet trains the 1D CNN of the
 main job; its inference FLOPs are those of the compacted model (granet_fx.compact)
@@ -9,6 +11,12 @@ density equal to that FLOPs fraction (scope="layer", distribution="uniform"),
 so that both spend the same conv/linear FLOPs at inference. The dense model
 gives the reference. Same recipe for all (granet_fx.mnist1d.train_mnist1d,
 eager mode); mean and standard deviation over the seeds.
+
+With ``--compare FIELD=A,B,...`` it trains channel GraNet only, once per
+value of that GraNetConfig field (channel_floor, channel_multiple) with the
+same seeds, and reports each value's accuracy, its compacted FLOPs and the
+layer widths, and the paired difference from the first value (same seed,
+same data order, same initial weights).
 """
 
 from __future__ import annotations
@@ -35,8 +43,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for this small model)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "mnist1d_channel"))
+    parser.add_argument("--compare", metavar="FIELD=A,B", help="compare channel GraNet at these values of a "
+                        "GraNetConfig field, paired by seed (for example channel_floor=0,0.5)")
+    parser.add_argument("--out", help="output path without extension (default benchmarks/results/mnist1d_channel, "
+                        "with --compare mnist1d_channel_<field without 'channel_'>)")
     args = parser.parse_args()
+    if args.compare:
+        compare(args)
+        return
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "mnist1d_channel")
     torch.set_num_threads(args.threads)
     data = load_mnist1d()
     x = data.x_train[:1]
@@ -98,6 +113,65 @@ def main() -> None:
     write_json({"command": cmd, "steps": args.steps, "dense_accuracy": dense, "runs": runs},
                args.out + ".json")
     write_atomic(args.out + ".txt", text)
+
+
+def _stats(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
+
+
+def compare(args) -> None:
+    """Channel GraNet at each value of one config field, paired by seed: accuracy, FLOPs and widths."""
+    field, _, text = args.compare.partition("=")
+    if field not in ("channel_floor", "channel_multiple") or not text:
+        sys.exit("--compare takes channel_floor=A,B,... or channel_multiple=A,B,...")
+    kind = int if field == "channel_multiple" else float
+    values = [kind(v) for v in text.split(",")]
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "mnist1d_" + field)
+    torch.set_num_threads(args.threads)
+    data = load_mnist1d()
+    x = data.x_train[:1]
+    sparsities = [float(s) for s in args.sparsity.split(",")]
+    seeds = list(range(args.seeds))
+    runs = []
+    for sparsity in sparsities:
+        for seed in seeds:
+            for value in values:
+                config = gf.GraNetConfig(granularity="channel", final_sparsity=sparsity, total_steps=args.steps,
+                                         **{field: value})
+                print(f"  s={sparsity} seed {seed} {field}={value}", file=sys.stderr)
+                torch.manual_seed(seed)      # the same initial weights for every value: a paired comparison
+                result = train_mnist1d(Mnist1dCNN(), config, data, compile=False, seed=seed)
+                compacted = gf.compact(result.model, x)
+                widths = [m.out_channels for m in compacted.modules() if isinstance(m, torch.nn.Conv1d)]
+                runs.append({"channel_sparsity": sparsity, "seed": seed, field: value, "accuracy": result.accuracy,
+                             "flops": gf.compaction_report(compacted).flops_ratio, "conv_widths": widths})
+    cmd = command()
+    lines = [f"$ {cmd}",
+             f"MNIST-1D (10,000 samples), Mnist1dCNN (3 conv layers of 64 channels), channel GraNet, {args.steps} "
+             f"steps, seeds {seeds}, eager, {args.threads} threads; {field} in {values}, paired by seed", ""]
+    rows = [("channel sparsity", field, "test acc %", "inference FLOPs (x dense)", "mean conv widths",
+             f"acc - acc at {values[0]} (pp)", "better / worse / same")]
+    for sparsity in sparsities:
+        base = {r["seed"]: r["accuracy"] for r in runs if r["channel_sparsity"] == sparsity and r[field] == values[0]}
+        for value in values:
+            mine = [r for r in runs if r["channel_sparsity"] == sparsity and r[field] == value]
+            diffs = [r["accuracy"] - base[r["seed"]] for r in mine]
+            widths = [statistics.mean(w) for w in zip(*(r["conv_widths"] for r in mine))]
+            counts = (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs))
+            rows.append((f"{sparsity:.2f}", str(value), _stats([r["accuracy"] for r in mine]),
+                         f"{statistics.mean(r['flops'] for r in mine):.4f}", " ".join(f"{w:.1f}" for w in widths),
+                         "-" if value == values[0] else _stats(diffs),
+                         "-" if value == values[0] else "/".join(map(str, counts))))
+    lines += columns(rows)
+    lines += ["", "mean +- standard deviation over seeds; the difference is paired (same seed); per run:"]
+    for r in runs:
+        lines.append(f"  s={r['channel_sparsity']:.2f} seed {r['seed']} {field}={r[field]}: "
+                     f"{100 * r['accuracy']:.2f} %, FLOPs {r['flops']:.4f}, conv widths {r['conv_widths']}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_json({"command": cmd, "steps": args.steps, "field": field, "values": values, "runs": runs}, out + ".json")
+    write_atomic(out + ".txt", text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """onnxruntime speedup of channel-pruned, compacted ResNet-18s over the dense one, next to the FLOPs ratio.
 
     python benchmarks/speedup.py            # writes benchmarks/results/speedup.txt and speedup.json
+    python benchmarks/speedup.py --options --multiple 8 --threads 1,2 --runs 20
+                                            # onnxruntime session options: speedup_options.txt and .json
 
 A CIFAR ResNet-18 (32x32 inputs) is pruned one-shot to each channel sparsity
 by the GraNet controller (granularity="channel", global L2 ranking of the
@@ -9,8 +11,13 @@ result, not on the weight values), compacted with granet_fx.compact, and
 exported with the dense model to ONNX (torch.onnx.export, dynamo, dynamic
 batch). granet-bench's measurement then runs dense and compacted alternately
 at each batch size. The FLOPs ratio (dense / compacted, counted in the ONNX
-graphs) is the speedup that removing channels can give at most; the target is
-a measured speedup of at least 0.9 x the FLOPs ratio.
+graphs) is the speedup that removing channels could give if every layer were
+compute-bound; the roofline limit (granet-bench) is the one that allows for
+memory-bound layers: dense / compacted roofline time, each node
+max(FLOPs / compute rate, bytes moved / bandwidth) with the rates measured in
+the same run. The target is a measured speedup of at least 0.9 x the FLOPs ratio;
+the speedup as a fraction of the roofline limit says how much of the rest the
+machine allows.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import granet_fx as gf
 from granet_fx.export.archive import export_program
 from granet_fx.export.bench import format_table, machine, run
 from granet_fx.export.onnx_export import to_onnx
+from granet_fx.export.roofline import SESSION_SETTINGS
 from granet_fx.models import resnet18
 from granet_fx.report import columns
 
@@ -52,6 +60,68 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
         f.write(to_onnx(program).SerializeToString())
 
 
+def option_variants(threads: int) -> dict[str, dict]:
+    """onnxruntime session settings to compare: changes to granet-bench's options (roofline.session_options)."""
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel
+    variants = {
+        "granet-bench": {},
+        "ORT_ENABLE_EXTENDED (no NCHWc layout)": {"level": level.ORT_ENABLE_EXTENDED},
+        "ORT_ENABLE_BASIC": {"level": level.ORT_ENABLE_BASIC},
+        "intra-op spinning on": {"config": {"session.intra_op.allow_spinning": "1"}},
+    }
+    if threads > 1:
+        variants["dynamic_block_base 4"] = {"config": {"session.dynamic_block_base": "4"}}
+        workers = ";".join(str(i + 2) for i in range(threads - 1))  # the main thread is the caller's
+        variants[f"worker affinity {workers}"] = {"config": {"session.intra_op_thread_affinities": workers}}
+    return variants
+
+
+def option_session(path: str, threads: int, variant: dict):
+    import onnxruntime as ort
+
+    from granet_fx.export.roofline import session_options
+
+    options = session_options(threads)
+    if "level" in variant:
+        options.graph_optimization_level = variant["level"]
+    for key, value in variant.get("config", {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def compare_options(paths: dict[str, str], threads: list[int], batches: list[int], warmup: int, runs: int) -> tuple:
+    """Median latency of each model under each session-option variant, the variants run alternately."""
+    import time
+
+    import numpy as np
+
+    rows = [("model", "threads", "batch", "variant", "median ms", "vs granet-bench")]
+    found = []
+    for n in threads:
+        variants = option_variants(n)
+        for name, path in paths.items():
+            sessions = {v: option_session(path, n, spec) for v, spec in variants.items()}
+            for batch in batches:
+                feed = {"x": np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
+                feed = {sessions["granet-bench"].get_inputs()[0].name: feed["x"]}
+                times = {v: [] for v in variants}
+                order = list(variants)
+                for r in range(warmup + runs):
+                    for v in (order if r % 2 == 0 else order[::-1]):
+                        start = time.perf_counter()
+                        sessions[v].run(None, feed)
+                        if r >= warmup:
+                            times[v].append(time.perf_counter() - start)
+                medians = {v: 1e3 * float(np.median(t)) for v, t in times.items()}
+                for v, ms in medians.items():
+                    rows.append((name, str(n), str(batch), v, f"{ms:.3f}", f"{medians['granet-bench'] / ms:.3f}x"))
+                    found.append({"model": name, "threads": n, "batch": batch, "variant": v, "median_ms": ms})
+                print(f"options: {name}, {n} thread(s), batch {batch} done", file=sys.stderr)
+    return rows, found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", default="0.5,0.75", help="channel sparsities (default 0.5,0.75)")
@@ -64,6 +134,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64: 11M parameters)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speedup"),
                         help="output path without extension (default benchmarks/results/speedup)")
+    parser.add_argument("--options", action="store_true",
+                        help="compare onnxruntime session options on the dense and compacted models instead "
+                        "(channel_multiple: the first of --multiple); writes <out>_options.txt and .json")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     torch.set_num_threads(max(threads))
@@ -76,14 +149,39 @@ def main() -> None:
 
     cmd = command()
     m = machine()
+    if args.options:
+        load = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {"dense": os.path.join(tmp, "dense.onnx")}
+            export(dense, x, paths["dense"])
+            for sparsity in sparsities:
+                sparse = prune_channels(copy.deepcopy(dense), sparsity, multiples[0], x)
+                paths[f"compacted {sparsity}"] = os.path.join(tmp, f"compacted_{sparsity}.onnx")
+                export(gf.compact(sparse, x), x, paths[f"compacted {sparsity}"])
+            rows, found = compare_options(paths, threads, batches, args.warmup, args.runs)
+        lines = [f"$ {cmd}",
+                 f"ResNet-18 (CIFAR, 32x32, width {args.width}), dense and compacted (channel_multiple "
+                 f"{multiples[0]}), onnxruntime on {m['cpu']} ({m['logical_cpus']} logical CPUs), warm-up "
+                 f"{args.warmup}, {args.runs} timed runs, the variants of one model run alternately",
+                 f"load average (1 min) before / after the measurements: {load:.1f} / {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} logical CPUs", ""]
+        lines += columns(rows)
+        lines += ["", f"granet-bench = the session options granet-bench uses ({SESSION_SETTINGS}: granet_fx.export."
+                  "roofline.session_options); each other variant changes one of them; vs granet-bench = granet-bench "
+                  "median / variant median (above 1: the variant is faster)"]
+        write_outputs(args.out + "_options", "\n".join(lines) + "\n", {"command": cmd, "machine": m, "runs": found})
+        return
     lines = [
         f"$ {cmd}",
         f"ResNet-18 (CIFAR, 32x32, width {args.width}), onnxruntime on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
-        f"warm-up {args.warmup}, {args.runs} timed runs, dense and compacted run alternately",
+        f"warm-up {args.warmup}, {args.runs} timed runs, dense and compacted run alternately; sessions: "
+        f"{SESSION_SETTINGS}",
+        f"load average (1 min) before the measurements: {os.getloadavg()[0]:.1f} on {os.cpu_count()} logical CPUs",
         "",
     ]
-    rows = [("channel sparsity", "multiple", "threads", "batch", "dense ms", "compacted ms", "speedup", "FLOPs ratio",
-             "speedup / FLOPs ratio", f">= {TARGET}")]
+    rows = [("channel sparsity", "multiple", "threads", "batch", "dense ms", "compacted ms", "FLOPs ratio",
+             "roofline limit", "speedup", "speedup / limit", "speedup / FLOPs ratio", f">= {TARGET}")]
+    notes = []      # the rates measured for the roofline, and speedups above their limit
     details = []    # what compaction did, once per (sparsity, multiple)
     results = {"command": cmd, "machine": m, "width": args.width, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,19 +206,32 @@ def main() -> None:
                     flops_ratio = bench["models"][0]["flops_ratio"]
                     for r in bench["results"]:
                         compacted_ms, dense_ms = (stats["median_ms"] for stats in r["latency"])
-                        speedup = r["speedup"][0]
+                        speedup, limit = r["speedup"][0], r["limit"][0]
                         ratio = speedup / flops_ratio
                         rows.append((f"{sparsity:.2f}", str(multiple), str(n), str(r["batch"]),
-                                     f"{dense_ms:.2f}", f"{compacted_ms:.2f}",
-                                     f"{speedup:.2f}x", f"{flops_ratio:.2f}x", f"{ratio:.2f}",
+                                     f"{dense_ms:.2f}", f"{compacted_ms:.2f}", f"{flops_ratio:.2f}x", f"{limit:.2f}x",
+                                     f"{speedup:.2f}x", f"{speedup / limit:.2f}", f"{ratio:.2f}",
                                      "yes" if ratio >= TARGET else "NO"))
+                        roof, eff = r["roofline"], r["roofline_efficiency"]
+                        where = f"sparsity {sparsity:.2f}, multiple {multiple}, {n} thread(s), batch {r['batch']}"
+                        notes.append(f"  {where}: compute {roof['flops_per_s'] / 1e9:.1f} GFLOP/s ({roof['probe']}); "
+                                     f"bandwidth {roof['bytes_per_s'][0] / 1e9:.1f} GB/s compacted, "
+                                     f"{roof['bytes_per_s'][1] / 1e9:.1f} GB/s dense; roofline reached "
+                                     f"{100 * eff[0]:.0f} % compacted, {100 * eff[1]:.0f} % dense")
+                        if speedup > limit:
+                            notes.append(f"  NOTE: {where}: the speedup {speedup:.2f}x is ABOVE the roofline limit "
+                                         f"{limit:.2f}x (the compacted model got closer to its roofline than the "
+                                         "dense one)")
                     results["runs"].append({"channel_sparsity": sparsity, "channel_multiple": multiple, "threads": n,
                                             "compaction": str(report), "conv_widths": widths,
                                             "pytorch_flops_ratio": 1 / report.flops_ratio,
                                             "bench": bench})
     lines += columns(rows)
     lines += ["", "speedup = dense median latency / compacted median latency; FLOPs ratio = dense / compacted "
-              "FLOPs counted in the ONNX graphs (the limit)"]
+              "FLOPs counted in the ONNX graphs; roofline limit = dense / compacted roofline time (granet-bench: per "
+              "node max(FLOPs / compute rate, bytes / bandwidth), rates measured in the same run)",
+              "", "measured rates (compute: best of a 1024 MatMul and the dominant convolutions; bandwidth: a copy the "
+              "size of the model's working set) and the share of its roofline each model reached:"] + notes
     lines += details
     write_outputs(args.out, "\n".join(lines) + "\n", results)
 

@@ -328,22 +328,25 @@ def channel_norms(rows: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def prune_channels(scores: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], costs: Sequence[int],
-                   budget: int) -> list[torch.Tensor]:
+                   budget: int, minimum: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Keep the active channels with the largest score over all groups, at most ``budget`` in cost.
 
     Group g's channels each cost ``costs[g]`` (the rows that make them). Every
-    group keeps its best active channel whatever the budget: a group with no
-    channel would cut the network. Ties are broken by group order, then index.
+    group keeps its ``minimum[g]`` best active channels (default, and never
+    fewer than, 1) whatever the budget: a group with no channel would cut the
+    network, and a floor keeps one stage from being starved by the others.
+    Ties are broken by group order, then index.
     """
-    flat, cost, best, start = [], [], [], 0
-    for s, k, c in zip(scores, keeps, costs):
+    flat, cost, forced, start = [], [], [], 0
+    for g, (s, k, c) in enumerate(zip(scores, keeps, costs)):
         s = s.detach().float().masked_fill(~k, -math.inf)
-        if k.any():
-            best.append(start + int(s.argmax()))
+        m = min(int(k.sum()), max(1, minimum[g] if minimum is not None else 1))
+        forced.append(start + torch.sort(s, descending=True, stable=True).indices[:m])
         flat.append(s)
         cost.append(torch.full_like(s, float(c)))
         start += len(s)
     s, c = torch.cat(flat), torch.cat(cost)
+    best = torch.cat(forced)
     s[best] = math.inf
     order = torch.sort(s, descending=True, stable=True).indices
     order = order[s[order] > -math.inf]

@@ -15,10 +15,13 @@ choice of which entries are True changes.
   channel of zeros sits where ReLU's derivative is zero.) Regrown columns
   start at zero; the rows kept their values. ``final_sparsity`` is the
   fraction of output channels (rows) pruned among the layers whose channels
-  can be removed; pinned groups keep all their channels. With
-  ``channel_multiple=k`` every group keeps a multiple of k channels (the
-  nearest to what the ranking chose), which suits the SIMD blocks of CPU
-  convolution kernels.
+  can be removed; pinned groups keep all their channels. The global ranking
+  (``scope="global"``) leaves every group at least ``channel_floor`` x the
+  density of its channels (0: the pure global ranking; 1: every group keeps
+  the density, as with ``scope="layer"``), so that no stage is starved by
+  layers whose weights happen to be larger. With ``channel_multiple=k`` every group keeps a multiple of k
+  channels (the nearest to what the ranking chose, never below the floor),
+  which suits the SIMD blocks of CPU convolution kernels.
 - ``granularity="n:m"``: in every group of M consecutive input weights (along
   dimension 1, for each output channel and kernel position) N are kept at the
   end. The cubic schedule is followed group by group: at sparsity s each group
@@ -59,7 +62,8 @@ def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator
 def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
     """The mask logic of ``info.config.granularity``; None for unstructured sparsity."""
     if info.config.granularity == "channel":
-        return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked], info.config.channel_multiple)
+        return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked], info.config.channel_multiple,
+                            info.config.channel_floor)
     if info.config.nm is not None:
         from .sparsify import mask_units   # sparsify imports this module
 
@@ -70,8 +74,10 @@ def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
 class ChannelMasks:
     """Whole-channel masks over the groups whose channels may be removed."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1):
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1,
+                 floor: float = 0.5):
         self.multiple = multiple
+        self.floor = floor
         self.masked = set(masked)
         self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
                        and all(c.weight in self.masked and c.mask for c in g.columns)]
@@ -116,12 +122,20 @@ class ChannelMasks:
             for c in g.columns:
                 self.tensors[c.weight].mul_(self.tensors[c.mask])
 
+    def minimum(self, sparsity: float) -> list[int]:
+        """Per group, the channels the global ranking must leave it: ``floor`` x the density ``1 - sparsity``
+        of them, rounded up to a multiple of ``multiple`` so that rounding keeps them."""
+        share = self.floor * (1.0 - sparsity)
+        return [min(g.size, self.multiple * math.ceil(math.ceil(share * g.size - 1e-9) / self.multiple))
+                for g in self.groups]
+
     @torch.no_grad()
     def prune(self, sparsity: float, scope: str) -> None:
         keeps = self.keeps()
         scores = [channel_norms(self._rows(i)) for i in range(len(self.groups))]
         if scope == "global":
-            new = prune_channels(scores, keeps, self.costs, round((1 - sparsity) * self.total))
+            new = prune_channels(scores, keeps, self.costs, round((1 - sparsity) * self.total),
+                                 self.minimum(sparsity))
         else:
             new = [drop_smallest(s, k, int(k.sum()) - max(1, round((1 - sparsity) * g.size)))
                    for g, s, k in zip(self.groups, scores, keeps)]

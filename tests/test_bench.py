@@ -228,3 +228,66 @@ def test_json_output_that_is_an_input_is_refused(tmp_path, capsys):
     assert bench.main([model, "--baseline", base, "--json", base, "--runs", "1"]) == 2
     assert "b.onnx" in one_line_error(capsys)
     assert open(model, "rb").read() == before
+
+
+def hand_roofline_seconds(channels, batch, flops_per_s, bytes_per_s):
+    """tiny_model's nodes by hand: the Relu is fused into the Conv and the Reshape moves nothing."""
+    nodes = [  # (FLOPs, float32 values moved)
+        (2 * batch * 64 * channels * 27, batch * 3 * 64 + channels * 27 + batch * channels * 64),   # Conv
+        (2 * batch * 5 * channels * 64, batch * channels * 64 + channels * 64 * 5 + batch * 5),     # MatMul
+        (2 * batch * 2 * 5, batch * 5 + 10 + batch * 2),                                          # Gemm
+    ]
+    return sum(max(f / flops_per_s, 4 * v / bytes_per_s) for f, v in nodes)
+
+
+def test_roofline_columns_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    small = tiny_model(tmp_path / "small.onnx", channels=2)
+    big = tiny_model(tmp_path / "big.onnx", channels=8)
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "granet_fx.export.bench", small, "--baseline", big, "--batch", "1,3",
+                           "--threads", "1", "--warmup", "1", "--runs", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("batch"))
+    for column in ("speedup", "roofline ms", "FLOPs ratio", "roofline limit", "speedup / limit"):
+        assert column in header
+    assert "GFLOP/s" in proc.stdout and "GB/s" in proc.stdout
+    assert "ORT_ENABLE_ALL (NCHWc layout), sequential, intra-op spinning off" in proc.stdout.splitlines()[0]
+    result = json.loads(out.read_text())
+    for r in result["results"]:
+        roof = r["roofline"]
+        for i, channels in enumerate((2, 8)):
+            expected = hand_roofline_seconds(channels, r["batch"], roof["flops_per_s"], roof["bytes_per_s"][i])
+            assert roof["limit_ms"][i] == pytest.approx(1e3 * expected)
+        assert r["flops_ratio"][0] == pytest.approx(hand_macs(8) / hand_macs(2))
+        assert r["limit"] == pytest.approx([roof["limit_ms"][1] / roof["limit_ms"][0], 1.0])
+        assert r["speedup_of_limit"][0] == pytest.approx(r["speedup"][0] / r["limit"][0])
+        model_ms, base_ms = (s["median_ms"] for s in r["latency"])
+        assert r["roofline_efficiency"] == pytest.approx([roof["limit_ms"][0] / model_ms, roof["limit_ms"][1] / base_ms])
+        assert f"{r['limit'][0]:.2f}x" in proc.stdout
+    # a speedup above its limit is said plainly
+    r = result["results"][0]
+    r["speedup"][0] = 2 * r["limit"][0]
+    r["speedup_of_limit"][0] = 2.0
+    text = bench.format_table(result)
+    assert "small.onnx at batch 1" in text and "ABOVE its roofline limit" in text
+    r["speedup_of_limit"][0] = 0.5
+    assert "ABOVE" not in bench.format_table({**result, "results": [r]})
+
+
+def test_probes_run_once_in_every_round_between_the_models(tmp_path):
+    paths = [tiny_model(tmp_path / f"m{c}.onnx", channels=c) for c in (2, 4)]
+    seen = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self):
+            seen.append(self.name)
+
+    bench.measure(paths, [1, 3], 1, warmup=1, runs=3, probes={1: [Stub("a"), Stub("b")], 3: [Stub("c")]})
+    assert seen == ["a", "b"] * 4 + ["c"] * 4       # warm-up and timed rounds, per batch size

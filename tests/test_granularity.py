@@ -24,19 +24,21 @@ def test_channel_norms_hand_worked():
     assert torch.allclose(channel_norms([a, b]), torch.tensor([math.sqrt(12.5), math.sqrt(4.5)]))
 
 
-def test_prune_channels_brute_force():
+@pytest.mark.parametrize("minimum", [None, [2, 3, 1], [9, 0, 2]])
+def test_prune_channels_brute_force(minimum):
     g = torch.Generator().manual_seed(3)
     sizes, costs, budget = [5, 7, 4], [1, 2, 3], 14
     scores = [torch.rand(n, generator=g) for n in sizes]
     keeps = [torch.rand(n, generator=g) > 0.3 for n in sizes]
-    got = prune_channels(scores, keeps, costs, budget)
-    # Reference: each group's best active channel first, then the other active ones by score, taken in
-    # that order while the running cost stays within the budget.
+    got = prune_channels(scores, keeps, costs, budget, minimum)
+    # Reference: each group's best max(1, minimum) active channels first (all of them if it has fewer),
+    # then the other active ones by score, taken in that order while the running cost stays within the budget.
     entries = []
     for gi, (s, k) in enumerate(zip(scores, keeps)):
         active = [i for i in range(len(s)) if k[i]]
-        best = max(active, key=lambda i: s[i].item())
-        entries += [(0 if i == best else 1, -s[i].item(), gi, i) for i in active]
+        floor = max(1, minimum[gi] if minimum else 1)
+        best = sorted(active, key=lambda i: -s[i].item())[:floor]
+        entries += [(0 if i in best else 1, -s[i].item(), gi, i) for i in active]
     kept, spent = set(), 0
     for forced, _, gi, i in sorted(entries):
         if spent + costs[gi] > budget and not forced == 0:
@@ -46,6 +48,21 @@ def test_prune_channels_brute_force():
     expected = [[(gi, i) in kept for i in range(n)] for gi, n in enumerate(sizes)]
     assert [k.tolist() for k in got] == expected
     assert all(k.any() for k in got)
+
+
+def test_prune_channels_floor_by_hand():
+    scores = [torch.tensor([10.0, 9.0, 8.0, 7.0]), torch.tensor([1.0, 0.5, 0.2, 0.1])]
+    keeps = [torch.ones(4, dtype=torch.bool)] * 2
+    # budget 4: the global ranking leaves group 1 its best channel only
+    assert [k.tolist() for k in prune_channels(scores, keeps, [1, 1], 4)] == [[True, True, True, False],
+                                                                             [True, False, False, False]]
+    # a floor of 2 in group 1: its two best, and the budget's rest to group 0's best
+    assert [k.tolist() for k in prune_channels(scores, keeps, [1, 1], 4, [1, 2])] == [[True, True, False, False],
+                                                                                     [True, True, False, False]]
+    # a floor is taken among active channels only
+    partial = [keeps[0], torch.tensor([False, True, False, False])]
+    assert [k.tolist() for k in prune_channels(scores, partial, [1, 1], 4, [1, 3])] == [[True, True, True, False],
+                                                                                       [False, True, False, False]]
 
 
 def test_round_kept():
@@ -191,6 +208,40 @@ def test_channel_multiple():
     assert int(model.fc2.weight_mask.all(0).sum()) == 8  # 0.3 * 32 = 9.6 channels, rounded to a multiple of 8
 
 
+class ThreeLayers(torch.nn.Module):
+    """20 -> 32 -> 32 -> 10: two groups of 32 removable channels (fc1's and fc2's outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(20, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("floor, multiple, fc1_kept, fc2_kept", [
+    (0.0, 1, 31, 1),     # fc2's weights are 100x smaller: the global ranking starves it
+    (0.5, 1, 24, 8),     # half the density 0.5: 25 % of 32 = 8 channels
+    (0.2, 1, 28, 4),     # 10 % of 32 = 3.2 channels, rounded up to 4
+    (0.2, 8, 24, 8),     # 4, rounded up to the multiple of 8
+    (1.0, 1, 16, 16),    # the whole density: every group keeps half, as scope="layer" would
+    (None, 1, 24, 8),    # the default floor, 0.5
+])
+def test_channel_floor_keeps_a_starved_group_alive(floor, multiple, fc1_kept, fc2_kept):
+    torch.manual_seed(0)
+    model = ThreeLayers()
+    with torch.no_grad():
+        model.fc2.weight.mul_(0.01)
+        model.fc2.bias.mul_(0.01)
+    config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=0.5, total_steps=1, prune_end=1,
+                             channel_multiple=multiple, **({} if floor is None else {"channel_floor": floor}))
+    model = gf.sparsify(model, config, example_inputs=torch.randn(2, 20))
+    gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.0)).step()
+    # the channels kept are the columns that their readers keep
+    assert int(model.fc2.weight_mask.all(0).sum()) == fc1_kept
+    assert int(model.fc3.weight_mask.all(0).sum()) == fc2_kept
+
+
 # N:M ----------------------------------------------------------------------------------
 
 
@@ -199,6 +250,10 @@ def test_channel_multiple():
     ({"granularity": "4:2", "final_sparsity": 0.5}, "N < M"),
     ({"granularity": "0:4", "final_sparsity": 1.0}, "N < M"),
     ({"channel_multiple": 0}, "channel_multiple"),
+    ({"channel_floor": -0.1}, "channel_floor must be a number in"),
+    ({"channel_floor": 1.5}, "channel_floor must be a number in"),
+    ({"channel_floor": "0.1"}, "channel_floor must be a number in"),
+    ({"channel_floor": True}, "channel_floor must be a number in"),
 ])
 def test_structured_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

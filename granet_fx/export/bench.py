@@ -8,7 +8,21 @@ drift of the machine hits all of them; medians and 90th percentiles come from
 the same rounds. Reported per model: file size, FLOPs per sample (2 x the
 multiply-accumulates of Conv, MatMul and Gemm, with shapes from ONNX shape
 inference), latency and throughput, and the speedup over the baseline. Inputs
-are random, with the first dimension of every input as the batch.
+are random, with the first dimension of every input as the batch. The
+sessions use all graph optimizations and no intra-op spinning (see
+granet_fx.export.roofline.session_options for why); the header says so.
+
+With a baseline, each model also gets its roofline limit (granet_fx.export.roofline):
+the sum over its nodes of max(FLOPs / compute rate, bytes moved / bandwidth),
+with the rates measured here, at the same thread count, by probes that run
+once in every round of the models' runs (their fastest run counts):
+the compute rate is the best of a 1024 MatMul and copies of the layers that
+hold the most FLOPs, the bandwidth that of a copy the size of each model's
+working set. The roofline limit (baseline limit / model limit) is the speedup
+the model could give if both ran at those rates; it is lower than the FLOPs
+ratio where layers are memory-bound. Printed beside the speedup: the FLOPs
+ratio, the limit and the speedup as a fraction of the limit, and a NOTE
+wherever a speedup exceeds its limit.
 """
 
 from __future__ import annotations
@@ -21,12 +35,13 @@ import platform
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..report import columns
+from . import roofline
 from .console import ArgumentParser, UsageError, first_line
 from .files import FileReadError, atomic_write, check_writable, read_bounded, same_file
 
@@ -43,6 +58,7 @@ class OnnxModel:
     file_bytes: int
     flops: int | None          # per sample; None when some shapes are unknown
     external: tuple[str, ...] = ()  # the files holding its external data
+    proto: object = field(default=None, repr=False)  # the onnx.ModelProto, for the roofline
 
 
 def load(path: str) -> OnnxModel:
@@ -59,10 +75,11 @@ def load(path: str) -> OnnxModel:
     macs = count_macs(model)
     if macs is None and external:  # shape inference may need small constants stored outside the file
         try:
-            macs = count_macs(onnx.load(path))
+            model = onnx.load(path)
+            macs = count_macs(model)
         except Exception as e:
             raise BenchError(f"{path}: cannot read its external data ({first_line(e)})") from e
-    return OnnxModel(path, size, None if macs is None else 2 * macs, tuple(external))
+    return OnnxModel(path, size, None if macs is None else 2 * macs, tuple(external), model)
 
 
 # Checking a file before onnxruntime sees it -------------------------------------
@@ -335,14 +352,8 @@ def count_macs(model) -> int | None:
 def _session(path: str, threads: int):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, roofline.session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise BenchError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from e
 
@@ -385,8 +396,13 @@ def _stats(seconds: list[float], batch: int) -> dict[str, float]:
 
 
 def measure(paths: Sequence[str], batches: Sequence[int], threads: int, warmup: int, runs: int,
-            progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Latency of each model at each batch size, the models run alternately; one dict per batch size."""
+            progress: Callable[[int, int, str], None] | None = None,
+            probes: dict[int, list[roofline.Probe]] | None = None) -> list[dict]:
+    """Latency of each model at each batch size, the models run alternately; one dict per batch size.
+
+    ``probes[batch]``, if given, run once in every round after the models (their best runs give the
+    machine's rates over the same time as the models' runs).
+    """
     sessions = [_session(p, threads) for p in paths]
     total, done = len(batches) * (warmup + runs) * len(paths), 0
     all_feeds = {batch: [_feeds(s, p, batch) for s, p in zip(sessions, paths)] for batch in batches}  # fail early
@@ -407,6 +423,8 @@ def measure(paths: Sequence[str], batches: Sequence[int], threads: int, warmup: 
                 done += 1
                 if progress:
                     progress(done, total, f"batch {batch}")
+            for probe in (probes or {}).get(batch, ()):
+                probe.run()
         results.append({"batch": batch, "models": [_stats(s, batch) for s in seconds]})
     return results
 
@@ -438,7 +456,9 @@ def run(models: Sequence[str], baseline: str | None, batches: Sequence[int], thr
     loaded = [load(p) for p in models] + ([load(baseline)] if baseline else [])
     if output:
         _refuse_overwriting_inputs(output, loaded)
-    timings = measure([m.path for m in loaded], batches, threads, warmup, runs, progress)
+    probes = _probes(loaded, batches, threads) if baseline else None
+    timings = measure([m.path for m in loaded], batches, threads, warmup, runs, progress,
+                      None if probes is None else {b: compute + copies for b, (compute, copies) in probes.items()})
     roles = ["model"] * len(models) + (["baseline"] if baseline else [])
     entries = []
     for role, m in zip(roles, loaded):
@@ -449,24 +469,62 @@ def run(models: Sequence[str], baseline: str | None, batches: Sequence[int], thr
             entry["flops_ratio"] = base.flops / m.flops if base.flops and m.flops else None
         entries.append(entry)
     result = {
-        "onnxruntime": ort.__version__, "threads": threads, "warmup": warmup, "runs": runs,
+        "onnxruntime": ort.__version__, "session": roofline.SESSION_SETTINGS, "threads": threads, "warmup": warmup,
+        "runs": runs,
         "machine": machine(), "models": entries, "results": [],
     }
+    limits = None if probes is None else rooflines(loaded, probes, threads)
     for t in timings:
         row = {"batch": t["batch"], "latency": t["models"]}
         if baseline:
             base = t["models"][-1]
             row["speedup"] = [base["median_ms"] / s["median_ms"] for s in t["models"]]
             row["speedup_p90"] = [base["p90_ms"] / s["p90_ms"] for s in t["models"]]
+            row["flops_ratio"] = [e["flops_ratio"] for e in entries]
+            if limits is not None:
+                roof = limits[t["batch"]]
+                ms = roof["limit_ms"]
+                row["roofline"] = roof
+                row["limit"] = [ms[-1] / m for m in ms]
+                row["speedup_of_limit"] = [s / l for s, l in zip(row["speedup"], row["limit"])]
+                row["roofline_efficiency"] = [m / s["median_ms"] for m, s in zip(ms, t["models"])]
         result["results"].append(row)
     return result
+
+
+def _probes(models: Sequence[OnnxModel], batches: Sequence[int], threads: int) -> dict | None:
+    """Per batch size: the compute probes (a 1024 MatMul and the models' dominant layers) and one copy
+    the size of each model's working set; None when shape inference leaves some FLOPs unknown."""
+    if any(m.flops is None for m in models):
+        return None
+    protos = [m.proto for m in models]
+    return {batch: (roofline.compute_probes(threads, protos, batch),
+                    [roofline.copy_probe(threads, roofline.working_set_bytes(p, batch)) for p in protos])
+            for batch in batches}
+
+
+def rooflines(models: Sequence[OnnxModel], probes: dict, threads: int) -> dict[int, dict]:
+    """Per batch size: the rates the probes reached (their best runs) and each model's roofline time."""
+    protos = [m.proto for m in models]
+    found = {}
+    for batch, (compute, copies) in probes.items():
+        fastest = roofline.best(compute)
+        machines = [roofline.Machine(fastest.rate, c.rate, threads, fastest.name) for c in copies]
+        found[batch] = {
+            "flops_per_s": fastest.rate, "probe": fastest.name, "working_set_bytes": [c.amount for c in copies],
+            "bytes_per_s": [m.bytes_per_s for m in machines],
+            "limit_ms": [1e3 * roofline.limit_seconds(p, batch, m) for p, m in zip(protos, machines)],
+            "memory_bound_share": [roofline.memory_bound_share(p, batch, m) for p, m in zip(protos, machines)],
+        }
+    return found
 
 
 def format_table(result: dict) -> str:
     """The results as text tables, with the machine and thread count in the header."""
     m = result["machine"]
     lines = [
-        f"{PROG}: onnxruntime {result['onnxruntime']}, {result['threads']} thread(s); "
+        f"{PROG}: onnxruntime {result['onnxruntime']}, {result['threads']} thread(s), "
+        f"{result.get('session', 'session settings not recorded')}; "
         f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {m['platform']}",
         f"warm-up {result['warmup']}, {result['runs']} timed runs per model and batch size, models run alternately",
         "",
@@ -483,18 +541,45 @@ def format_table(result: dict) -> str:
             row += (f"{1 / entry['size_ratio']:.3f}x", "n/a" if ratio is None else f"{1 / ratio:.3f}x")
         rows.append(row)
     lines += columns(rows) + [""]
-    rows = [("batch", "file", "median ms", "p90 ms", "items/s") + (("speedup", "p90 speedup") if has_baseline else ())]
+    roof = has_baseline and all("limit" in r for r in result["results"])
+    rows = [("batch", "file", "median ms", "p90 ms", "items/s") + (("speedup", "p90 speedup") if has_baseline else ())
+            + (("roofline ms", "memory-bound", "FLOPs ratio", "roofline limit", "speedup / limit") if roof else ())]
+    above = []
     for r in result["results"]:
         for i, (entry, stats) in enumerate(zip(result["models"], r["latency"])):
             row = (str(r["batch"]), os.path.basename(entry["path"]), f"{stats['median_ms']:.3f}",
                    f"{stats['p90_ms']:.3f}", f"{stats['items_per_s']:.1f}")
             if has_baseline:
                 row += (f"{r['speedup'][i]:.2f}x", f"{r['speedup_p90'][i]:.2f}x")
+            if roof:
+                ratio = r["flops_ratio"][i]
+                row += (f"{r['roofline']['limit_ms'][i]:.3f}", f"{100 * r['roofline']['memory_bound_share'][i]:.0f} %",
+                        "n/a" if ratio is None else f"{ratio:.2f}x", f"{r['limit'][i]:.2f}x",
+                        f"{r['speedup_of_limit'][i]:.2f}")
+                if r["speedup_of_limit"][i] > 1 and entry["role"] != "baseline":
+                    above.append((r, i, entry))
             rows.append(row)
     lines += columns(rows)
     if has_baseline:
         lines += ["", "speedup = baseline median latency / model median latency (p90: the same for p90); "
                   "size and FLOPs vs baseline = model / baseline"]
+    if roof:
+        lines += ["roofline ms = sum over nodes of max(FLOPs / compute rate, bytes moved / bandwidth); "
+                  "memory-bound = its share in nodes where the bytes decide; roofline limit = baseline roofline ms / "
+                  "model roofline ms; FLOPs ratio = baseline FLOPs / model FLOPs"]
+        for r in result["results"]:
+            m = r["roofline"]
+            copies = ", ".join(f"{os.path.basename(e['path'])} {b / 1e9:.1f} GB/s ({n / 1e6:.1f} MB)" for e, b, n in
+                               zip(result["models"], m["bytes_per_s"], m["working_set_bytes"]))
+            lines.append(f"machine at batch {r['batch']}: compute {m['flops_per_s'] / 1e9:.1f} GFLOP/s (the best of a "
+                         f"1024 MatMul and the dominant layers: {m['probe']}); bandwidth of a copy the size of each "
+                         f"model's working set: {copies}")
+    for r, i, entry in above:
+        eff = r["roofline_efficiency"]
+        lines.append(f"NOTE: {os.path.basename(entry['path'])} at batch {r['batch']} is {r['speedup'][i]:.2f}x faster "
+                     f"than the baseline, ABOVE its roofline limit of {r['limit'][i]:.2f}x: it ran at "
+                     f"{100 * eff[i]:.0f} % of its roofline and the baseline at {100 * eff[-1]:.0f} % of its own "
+                     "(the limit assumes both reach the measured rates)")
     return "\n".join(lines)
 
 
