@@ -187,10 +187,7 @@ def flops_table(summary: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
-        acc = f"{100 * s['accuracy_mean']:.2f}"
-        if s["accuracy_std"] is not None:
-            acc += f" ± {100 * s['accuracy_std']:.2f}"
-        lines.append(f"| {s['label']} | {100 * s['sparsity']:g}% | {s['steps']:,} | {acc} "
+        lines.append(f"| {s['label']} | {100 * s['sparsity']:g}% | {s['steps']:,} | {runs.accuracy_cell(s)} "
                      f"| {s['training_budget']:.3f}x | {s['inference_flops']:.3f}x | {s['seeds']} |")
     return "\n".join(lines) + "\n"
 

@@ -147,6 +147,14 @@ def paired_difference(results: Sequence[dict], a: str, b: str, sparsity: float) 
     }
 
 
+def accuracy_cell(s: dict) -> str:
+    """A summary row's test accuracy in %, mean ± std (the std when there are several seeds)."""
+    acc = f"{100 * s['accuracy_mean']:.2f}"
+    if s["accuracy_std"] is not None:
+        acc += f" ± {100 * s['accuracy_std']:.2f}"
+    return acc
+
+
 def markdown_table(summary: Sequence[dict]) -> str:
     """The summary as a Markdown table: accuracy in % (mean ± std), FLOPs relative to dense."""
     lines = [
@@ -154,11 +162,8 @@ def markdown_table(summary: Sequence[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
-        acc = f"{100 * s['accuracy_mean']:.2f}"
-        if s["accuracy_std"] is not None:
-            acc += f" ± {100 * s['accuracy_std']:.2f}"
         lines.append(
-            f"| {s['label']} | {100 * s['sparsity']:g}% | {acc} | {_times(s['training_flops'])} "
+            f"| {s['label']} | {100 * s['sparsity']:g}% | {accuracy_cell(s)} | {_times(s['training_flops'])} "
             f"| {_times(s['inference_flops'])} | {s['seeds']} |"
         )
     return "\n".join(lines) + "\n"
