@@ -162,14 +162,14 @@ class GraNet:
         self.step_count += 1
         t = self.step_count
         prune, regrow = self._updates_at(t)
-        if not (prune or regrow) or self._structured is not None:
+        if not (prune or regrow):
             self.apply_masks()
-            if not (prune or regrow):
-                return False
+            return False
         if self._structured is not None:
+            self.apply_masks()
             self._update_structured(t, prune, regrow)
         else:
-            self._update(t, prune, regrow)
+            self._update(t, prune, regrow)      # re-masks once, at the end
         self._count_active()
         return True
 

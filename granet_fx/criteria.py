@@ -174,13 +174,7 @@ def _keep_above(scores, masks, n_drop: int, count: int, comm: Comm = LOCAL) -> l
     """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
     value, _, not_above = _kth_smallest(scores, masks, n_drop, count, comm)
     kept = [m & (s.detach().float() > value) for s, m in zip(scores, masks)]
-    ties_kept = not_above - n_drop
-    if ties_kept > 0:
-        ties = [m & ~k & (s.detach().float() == value) for s, m, k in zip(scores, masks, kept)]
-        table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
-        for k, t, n in zip(kept, ties, allot_last(table, ties_kept, comm.rank)):
-            if n:
-                k.view(-1)[t.flatten().nonzero().squeeze(1)[-n:]] = True
+    _set_last_ties(kept, True, masks, scores, value, not_above - n_drop, comm)
     return kept
 
 
@@ -194,7 +188,7 @@ def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[int | None]:
         local.append((top, int((flat == top).nonzero()[-1]) if m.any() else None))
     table = comm.table(torch.stack([t for t, _ in local]).double())   # (world, masks)
     best = []
-    for u, ((top, index), c) in enumerate(zip(local, counts)):
+    for u, ((_, index), c) in enumerate(zip(local, counts)):
         column = table[:, u]
         owner = int((column == column.max()).nonzero()[-1])
         best.append(index if c and owner == comm.rank else None)
@@ -227,7 +221,7 @@ def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = 
     s = score.detach().float()
     value, _, not_above = _kth_smallest([s], [mask], n, count, comm)
     kept = torch.gt(s, value).logical_and_(mask)
-    _set_last_ties(kept, True, mask, s, value, not_above - n, comm)
+    _set_last_ties([kept], True, [mask], [s], value, not_above - n, comm)
     return kept
 
 
@@ -242,19 +236,21 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = L
     s = score.detach().float()
     value, below, _ = _kth_smallest([s], [candidates], count - n + 1, count, comm)
     grown = torch.ge(s, value).logical_and_(candidates)
-    _set_last_ties(grown, False, candidates, s, value, count - below - n, comm)
+    _set_last_ties([grown], False, [candidates], [s], value, count - below - n, comm)
     return grown.logical_or_(mask)
 
 
-def _set_last_ties(out: torch.Tensor, to: bool, pool: torch.Tensor, s: torch.Tensor, value: float, n: int,
-                   comm: Comm) -> None:
-    """Set in ``out`` the ``n`` entries of ``pool`` scored ``value`` with the highest flat indices (over all ranks)."""
+def _set_last_ties(outs: Sequence[torch.Tensor], to: bool, pools: Sequence[torch.Tensor],
+                   scores: Sequence[torch.Tensor], value: float, n: int, comm: Comm) -> None:
+    """Set in ``outs`` the last ``n`` entries of ``pools`` scored ``value``, in the global order
+    (tensor by tensor, rank by rank, flat index)."""
     if n <= 0:
         return
-    ties = torch.eq(s, value).logical_and_(pool)
-    mine = allot_last(comm.table(torch.tensor([int(torch.count_nonzero(ties))])), n, comm.rank)[0]
-    if mine:
-        out.view(-1)[ties.flatten().nonzero().squeeze(1)[-mine:]] = to
+    ties = [torch.eq(s.detach().float(), value).logical_and_(p) for s, p in zip(scores, pools)]
+    table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
+    for out, t, mine in zip(outs, ties, allot_last(table, n, comm.rank)):
+        if mine:
+            out.view(-1)[t.flatten().nonzero().squeeze(1)[-mine:]] = to
 
 
 # Exact selection without sorting --------------------------------------------------

@@ -11,6 +11,7 @@ the same code the single-process code.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import torch
@@ -90,12 +91,14 @@ def allot_last(table: torch.Tensor, n: int, rank: int) -> list[int]:
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    """True for a DTensor (what ``fully_shard`` turns a parameter and its gradient into)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    """True for a DTensor (what ``fully_shard`` turns a parameter and its gradient into).
 
-    return isinstance(t, DTensor)
+    Called on every forward's mask nodes: until something has imported
+    ``torch.distributed.tensor`` (half a second) no tensor can be one, so it is
+    not imported here.
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

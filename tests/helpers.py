@@ -1,8 +1,12 @@
 """Small models and a training loop shared by the tests."""
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import granet_fx as gf
 
 
 class MLP(nn.Module):
@@ -84,3 +88,11 @@ def train(model, optimizer, granet, data, forward=None):
         granet.step()
         losses.append(loss.item())
     return losses
+
+
+def sparsify_warned(model, config, **kw):
+    """``gf.sparsify`` and the granet_fx warnings it gave (their messages)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse = gf.sparsify(model, config, **kw)
+    return sparse, [str(w.message) for w in caught if "granet_fx" in str(w.message)]

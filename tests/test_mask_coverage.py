@@ -17,12 +17,7 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.passes import is_mask_node
 
-
-def sparsify_warned(model, config, **kw):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sparse = gf.sparsify(model, config, **kw)
-    return sparse, [str(w.message) for w in caught if "granet_fx" in str(w.message)]
+from helpers import sparsify_warned
 
 
 def static(sparsity=0.5, **kw):

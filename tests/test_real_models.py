@@ -9,7 +9,6 @@ outside the graph that reads a conv's attributes).
 
 import copy
 import os
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,14 +19,8 @@ from torch import nn
 
 import granet_fx as gf
 
+from helpers import sparsify_warned
 from zoo import ZOO, leaves
-
-
-def sparsify_quietly(model, config, **kw):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sparse = gf.sparsify(model, config, **kw)
-    return sparse, [str(w.message) for w in caught if "granet_fx" in str(w.message)]
 
 
 def build(name):
@@ -39,7 +32,7 @@ def build(name):
 def test_gpt2_tied_head_stays_dense_with_a_warning():
     model, inputs = build("gpt2")
     config = gf.GraNetConfig(initial_sparsity=0.5, final_sparsity=0.8, total_steps=10)
-    sparse, warned = sparsify_quietly(model, config, example_inputs=inputs)
+    sparse, warned = sparsify_warned(model, config, example_inputs=inputs)
     info = gf.sparse_info(sparse)
     # lm_head shares its weight with the token embedding: one parameter, no mask at all
     assert sparse.lm_head.weight is sparse.transformer.wte.weight
@@ -54,7 +47,7 @@ def test_gpt2_tied_head_stays_dense_with_a_warning():
 def test_dense_masks_change_nothing_in_train_and_eval_mode(name):
     model, inputs = build(name)
     reference = copy.deepcopy(model)
-    sparse, _ = sparsify_quietly(model, gf.GraNetConfig(total_steps=10))
+    sparse, _ = sparsify_warned(model, gf.GraNetConfig(total_steps=10))
     for mode in (True, False):
         reference.train(mode)
         sparse.train(mode)
