@@ -312,7 +312,7 @@ def report(data: dict) -> str:
 PHASES = ("_prune", "_regrow", "_pruned", "_regrown", "_update", "_zero", "apply_masks", "_count",
           "_count_active", "_gradient_size")
 CRITERIA = ("prune_global", "drop_smallest", "grow_largest")                  # as the controller calls them
-INTERNALS = ("_keep_above", "_extreme", "_kth_smallest", "_bracket", "_best")  # inside granet_fx.criteria
+INTERNALS = ("_pick", "_keep_above", "_kth_smallest", "_bracket", "_best")   # inside granet_fx.criteria
 
 
 class Timers:

@@ -270,7 +270,7 @@ class GraNet:
                 score = self._random_scores(i).to(m.device)
             else:
                 score = grad.abs()
-            new.append(grow_largest(score, kept, n, comm))
+            new.append(grow_largest(score, kept, n, comm, self._units[i].numel - active + n))
         return new
 
     def _count(self, mask: torch.Tensor) -> int:

@@ -118,12 +118,12 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     n_drop = sum(counts) - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    kept = _keep_above(scores, masks, n_drop, sum(counts), comm)
-    if _none_emptied(kept, counts, comm):
-        return kept
+    dropped = _pick(scores, masks, n_drop, sum(counts), comm)
+    if _none_emptied(dropped, counts, comm):
+        return _without(masks, dropped)
     best = _best(scores, masks, counts, comm)
-    kept = _keep_above(scores, _without(masks, best), n_drop, sum(counts) - sum(c > 0 for c in counts), comm)
-    return _with(kept, best)
+    rest = _without(masks, [b if b is None else torch.tensor([b]) for b in best])
+    return _without(masks, _pick(scores, rest, n_drop, sum(counts) - sum(c > 0 for c in counts), comm))
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -147,16 +147,19 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
     grads = [g.detach().abs() for g in gradients]
     size = max(int(select_ratio * total), n_drop)
 
-    def without_dropped(pool: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-        candidates = [m & ~k for m, k in zip(pool, _keep_above(grads, pool, min(size, count), count, comm))]
-        spared = _keep_above(scores, candidates, n_drop, min(size, count), comm)
-        return [m & ~(c & ~k) for m, c, k in zip(pool, candidates, spared)]
+    def dropped(pool: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+        candidates = _pick(grads, pool, min(size, count), count, comm)
+        chosen = _pick([s.detach().float().reshape(-1)[c] for s, c in zip(scores, candidates)],
+                       [torch.ones(len(c), dtype=torch.bool, device=c.device) for c in candidates],
+                       n_drop, min(size, count), comm)
+        return [c[i] for c, i in zip(candidates, chosen)]
 
-    kept = without_dropped(masks, total)
-    if _none_emptied(kept, counts, comm):
-        return kept
+    first = dropped(masks, total)
+    if _none_emptied(first, counts, comm):
+        return _without(masks, first)
     best = _best(scores, masks, counts, comm)    # as in prune_global
-    return _with(without_dropped(_without(masks, best), total - sum(c > 0 for c in counts)), best)
+    rest = _without(masks, [b if b is None else torch.tensor([b]) for b in best])
+    return _without(masks, dropped(rest, total - sum(c > 0 for c in counts)))
 
 
 def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
@@ -164,18 +167,10 @@ def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
     return comm.sum([int(torch.count_nonzero(m)) for m in masks])
 
 
-def _none_emptied(kept: Sequence[torch.Tensor], counts: Sequence[int], comm: Comm) -> bool:
-    """True when every mask that had an active entry still has one."""
-    left = comm.sum([int(k.any()) for k in kept])
-    return all(n > 0 for n, c in zip(left, counts) if c)
-
-
-def _keep_above(scores, masks, n_drop: int, count: int, comm: Comm = LOCAL) -> list[torch.Tensor]:
-    """``masks`` without their ``n_drop`` smallest-scored entries (of ``count``); ties: earliest dropped."""
-    value, _, not_above = _kth_smallest(scores, masks, n_drop, count, comm)
-    kept = [m & (s.detach().float() > value) for s, m in zip(scores, masks)]
-    _set_last_ties(kept, True, masks, scores, value, not_above - n_drop, comm)
-    return kept
+def _none_emptied(dropped: Sequence[torch.Tensor], counts: Sequence[int], comm: Comm) -> bool:
+    """True when every mask that had an active entry keeps one after ``dropped`` (flat indices) go."""
+    gone = comm.sum([len(d) for d in dropped])
+    return all(g < c for g, c in zip(gone, counts) if c)
 
 
 def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[int | None]:
@@ -195,19 +190,13 @@ def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[int | None]:
     return best
 
 
-def _without(masks, best) -> list[torch.Tensor]:
+def _without(masks, dropped) -> list[torch.Tensor]:
+    """Copies of ``masks`` with the entries at the flat indices ``dropped`` (None: none) set False."""
     rest = [m.clone() for m in masks]
-    for r, b in zip(rest, best):
-        if b is not None:
-            r.view(-1)[b] = False
+    for r, d in zip(rest, dropped):
+        if d is not None:
+            r.view(-1)[d.to(r.device)] = False
     return rest
-
-
-def _with(kept, best) -> list[torch.Tensor]:
-    for k, b in zip(kept, best):
-        if b is not None:
-            k.view(-1)[b] = True
-    return kept
 
 
 def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL,
@@ -218,39 +207,21 @@ def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = 
     n = min(n, count)
     if n <= 0:
         return mask.clone()
-    s = score.detach().float()
-    value, _, not_above = _kth_smallest([s], [mask], n, count, comm)
-    kept = torch.gt(s, value).logical_and_(mask)
-    _set_last_ties([kept], True, [mask], [s], value, not_above - n, comm)
-    return kept
+    return _without([mask], _pick([score], [mask], n, count, comm))[0]
 
 
-def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL) -> torch.Tensor:
+def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL,
+                 count: int | None = None) -> torch.Tensor:
     """Activate the ``n`` inactive entries with the largest score; among equals, the lowest flat
-    indices first."""
+    indices first. ``count``: the inactive entries, when already known."""
     candidates = ~mask
-    count = _counts([candidates], comm)[0]
+    count = _counts([candidates], comm)[0] if count is None else count
     n = min(n, count)
     if n <= 0:
         return mask.clone()
-    s = score.detach().float()
-    value, below, _ = _kth_smallest([s], [candidates], count - n + 1, count, comm)
-    grown = torch.ge(s, value).logical_and_(candidates)
-    _set_last_ties([grown], False, [candidates], [s], value, count - below - n, comm)
-    return grown.logical_or_(mask)
-
-
-def _set_last_ties(outs: Sequence[torch.Tensor], to: bool, pools: Sequence[torch.Tensor],
-                   scores: Sequence[torch.Tensor], value: float, n: int, comm: Comm) -> None:
-    """Set in ``outs`` the last ``n`` entries of ``pools`` scored ``value``, in the global order
-    (tensor by tensor, rank by rank, flat index)."""
-    if n <= 0:
-        return
-    ties = [torch.eq(s.detach().float(), value).logical_and_(p) for s, p in zip(scores, pools)]
-    table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
-    for out, t, mine in zip(outs, ties, allot_last(table, n, comm.rank)):
-        if mine:
-            out.view(-1)[t.flatten().nonzero().squeeze(1)[-mine:]] = to
+    grown = mask.clone()
+    grown.view(-1)[_pick([score], [candidates], n, count, comm, largest=True)[0]] = True
+    return grown
 
 
 # Exact selection without sorting --------------------------------------------------
@@ -258,35 +229,50 @@ def _set_last_ties(outs: Sequence[torch.Tensor], to: bool, pools: Sequence[torch
 SAMPLE = 1 << 14    # sampled positions that bracket a selection; smaller inputs are selected whole
 
 
-def _kth_smallest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int,
-                  count: int, comm: Comm = LOCAL) -> tuple[float, int, int]:
-    """The ``k``-th smallest (from 1) of the ``count`` scores where ``masks`` is True, over all
-    tensors (and ranks) together, and how many of those scores are below it and how many are not above it.
+def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int,
+          comm: Comm = LOCAL, largest: bool = False) -> list[torch.Tensor]:
+    """Flat indices, per tensor (this rank's rows), of the ``k`` smallest scores (``largest``: the
+    largest) of the ``count`` entries where ``pools`` is True, over all tensors and ranks together;
+    among equals, the earliest in the global order (tensor by tensor, rank by rank, flat index).
 
-    Exact, but it neither gathers nor selects among all candidates (Floyd and
-    Rivest's idea): a random sample brackets the answer, one pass counts the
-    candidates below the bracket and gathers those inside it, and ``kthvalue``
-    runs on those few. Should the sample miss, ``kthvalue`` runs on all of them.
+    Exact, without sorting or passing over the tensors more than once (Floyd and
+    Rivest's idea): a random sample brackets the ``k``-th score, one pass over
+    each tensor gathers the entries on the chosen side of the bracket (those
+    sure to be picked and those inside it), and ``kthvalue`` runs on the few
+    inside. Should the sample miss, the selection runs on all entries.
     """
-    device = masks[0].device
-    scores = [s.detach().float() for s in scores]
-    lo, hi = _bracket(scores, masks, k, count, comm)
+    device = pools[0].device
+    if k <= 0:
+        return [torch.zeros(0, dtype=torch.long, device=device) for _ in pools]
+    scores = [s.detach().float().reshape(-1) for s in scores]
+    lo, hi = _bracket(scores, pools, count - k + 1 if largest else k, count, comm)
+    outer, inner = (lo, hi) if largest else (-hi, -lo)    # in keys: -score, or score, so smallest keys go
     while True:
-        not_below, inside = 0, []
-        for s, m in zip(scores, masks):     # as few passes as possible: these tensors are the whole model
-            chosen = m if lo == -math.inf else torch.ge(s, lo).logical_and_(m)
-            not_below += int(torch.count_nonzero(chosen))
-            if hi < math.inf:
-                chosen = torch.le(s, hi).logical_and_(chosen)
-            inside.append(s[chosen].to(device))
-        below = count - comm.sum([not_below])[0]
-        inside = comm.cat(torch.cat(inside))
-        if below < k <= below + inside.numel() or (lo, hi) == (-math.inf, math.inf):
+        index, keys = [], []
+        for s, p in zip(scores, pools):     # the one pass over each tensor
+            chosen = p.reshape(-1) if outer == -math.inf else \
+                (torch.ge(s, outer) if largest else torch.le(s, -outer)).logical_and_(p.reshape(-1))
+            i = chosen.nonzero().squeeze(1)
+            index.append(i)
+            keys.append(s[i].neg_() if largest else s[i])
+        sure = comm.sum([sum(int(torch.count_nonzero(key < -inner)) for key in keys)])[0]
+        inside = comm.cat(torch.cat([key[key >= -inner] for key in keys] or [torch.zeros(0)]).to(device))
+        if sure < k <= sure + inside.numel() or outer == -math.inf:
             break
-        lo, hi = -math.inf, math.inf
-    value = torch.kthvalue(inside, k - below).values
-    lower, not_above = (int(torch.count_nonzero(c)) for c in (inside < value, inside <= value))
-    return value.item(), below + lower, below + not_above
+        outer, inner = -math.inf, math.inf
+    if outer == -math.inf and not sure < k <= sure + inside.numel():
+        sure, inside = 0, comm.cat(torch.cat(keys).to(device))
+    value = torch.kthvalue(inside, k - sure).values
+    below = [key < value for key in keys]
+    ties = [key == value for key in keys]
+    table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
+    left = int(table.sum()) - (k - comm.sum([sum(int(torch.count_nonzero(b)) for b in below)])[0])
+    picked = []
+    for i, b, t, later in zip(index, below, ties, allot_last(table, left, comm.rank)):
+        if later:
+            t[t.nonzero().squeeze(1)[-later:]] = False
+        picked.append(i[b.logical_or_(t)])     # in flat order
+    return picked
 
 
 def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int, count: int,
