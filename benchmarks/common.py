@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -32,6 +33,18 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def choices(known) -> "Callable[[str], list[str]]":
+    """An argparse type: comma-separated names, each one of ``known``."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown) or repr(text)}; choose from "
+                                             f"{', '.join(known)}")
+        return names
+    return parse
 
 
 def command() -> str:

@@ -49,7 +49,7 @@ from granet_fx.export.roofline import SESSION_SETTINGS
 from granet_fx.models import MobileNetV2, resnet18
 from granet_fx.report import columns
 
-from common import command, write_outputs
+from common import choices, command, write_outputs
 
 TARGET = 0.9                         # of the FLOPs ratio
 LIMIT_TARGET = (0.85, 0.8)           # of the roofline limit, on 1 thread and on more
@@ -78,16 +78,6 @@ def build(name: str, width: int) -> tuple[str, torch.nn.Module, torch.Tensor]:
                    f"{CONVNEXT['hidden_sizes']}, depths {CONVNEXT['depths']}, layer scale 1)")
     x = torch.randn(1, 3, size, size)
     return description, ConvNextForImageClassification(config).eval(), x
-
-
-def model_list(text: str) -> list[str]:
-    """The --models value as a list of known model names."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{', '.join(MODELS)}")
-    return names
 
 
 def widths(model: torch.nn.Module) -> tuple[list[int], list[int]]:
@@ -231,7 +221,7 @@ def measure_model(name: str, dense: torch.nn.Module, x: torch.Tensor, tmp: str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=model_list, default=list(MODELS),
+    parser.add_argument("--models", type=choices(MODELS), default=list(MODELS),
                         help=f"comma-separated models to measure (default {','.join(MODELS)})")
     parser.add_argument("--sparsity", default="0.5,0.75", help="channel sparsities (default 0.5,0.75)")
     parser.add_argument("--multiple", default="1,8",

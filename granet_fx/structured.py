@@ -21,7 +21,8 @@ choice of which entries are True changes.
   the density, as with ``scope="layer"``), so that no stage is starved by
   layers whose weights happen to be larger. With ``channel_multiple=k`` every group keeps a multiple of k
   channels (the nearest to what the ranking chose, never below the floor),
-  which suits the SIMD blocks of CPU convolution kernels.
+  which suits the SIMD blocks of CPU convolution kernels; "auto" picks the
+  block of onnxruntime's NCHWc kernels on the CPU that trains.
 - ``granularity="n:m"``: in every group of M consecutive input weights (along
   dimension 1, for each output channel and kernel position) N are kept at the
   end. The cubic schedule is followed group by group: at sparsity s each group
@@ -33,6 +34,8 @@ choice of which entries are True changes.
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -55,15 +58,29 @@ def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator
             )
         info.channel_groups = channel_groups(model, example_inputs)
     masks = structured_masks(model, info)
+    if isinstance(masks, ChannelMasks) and not masks.groups:
+        reasons = Counter(g.pinned[0] for g in info.channel_groups if g.pinned)
+        why = "; ".join(f"{r} ({n} groups)" for r, n in reasons.most_common(3)) or "no layer reads another's channels"
+        warnings.warn(f"granet_fx: granularity='channel' found no channel that can be removed, so the model "
+                      f"stays dense; the channels stay because: {why}", stacklevel=3)
     if masks is not None:
         masks.initialize(config.start_sparsity, generator)
+
+
+def channel_multiple(value: int | str) -> int:
+    """``GraNetConfig.channel_multiple`` as a number: "auto" is the channel block of onnxruntime's NCHWc
+    convolutions on this CPU, 16 floats with AVX-512 and 8 otherwise (AVX2), the widths that run
+    without padding (benchmarks/speedup.py measures 1, 8 and 16)."""
+    if value != "auto":
+        return value
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
     """The mask logic of ``info.config.granularity``; None for unstructured sparsity."""
     if info.config.granularity == "channel":
-        return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked], info.config.channel_multiple,
-                            info.config.channel_floor)
+        return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked],
+                            channel_multiple(info.config.channel_multiple), info.config.channel_floor)
     if info.config.nm is not None:
         from .sparsify import mask_units   # sparsify imports this module
 
@@ -81,14 +98,21 @@ class ChannelMasks:
         self.masked = set(masked)
         self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
                        and all(c.weight in self.masked and c.mask for c in g.columns)]
-        self.costs = [len(g.rows) for g in self.groups]
+        self.costs = [sum(r.repeat for r in g.rows) for g in self.groups]   # rows per channel (a head has many)
         self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
         self.tensors = named_tensors(model)
         self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
 
     def _rows(self, i: int) -> list[torch.Tensor]:
+        """Each row layer's weights, a channel per row; an attention head's rows scaled by
+        1/sqrt(rows) so that its norm is a root mean square over them, like one channel's."""
         g = self.groups[i]
-        return [r.channels(self.tensors[r.weight].detach(), g.size) for r in g.rows]
+        return [r.channels(self.tensors[r.weight].detach(), g.size) / math.sqrt(r.repeat) for r in g.rows]
+
+    def _multiple(self, i: int) -> int:
+        """``multiple`` in the group's channels: a head of width 64 is already a multiple of 8 channels."""
+        width = self.groups[i].rows[0].repeat
+        return self.multiple // math.gcd(self.multiple, width)
 
     def _gradient_columns(self, i: int) -> list[torch.Tensor | None]:
         """The group's columns of every reader's weight gradient (None where there is none), channels first."""
@@ -113,10 +137,10 @@ class ChannelMasks:
     def initialize(self, sparsity: float, generator: torch.Generator) -> None:
         if sparsity > 0:
             keeps = []
-            for g in self.groups:
+            for i, g in enumerate(self.groups):
                 score = torch.rand(g.size, generator=generator)
                 keep = grow_largest(score, torch.zeros(g.size, dtype=torch.bool), max(1, round((1 - sparsity) * g.size)))
-                keeps.append(round_kept(score, keep, self.multiple))
+                keeps.append(round_kept(score, keep, self._multiple(i)))
             self.set(keeps)
         for g in self.groups:
             for c in g.columns:
@@ -126,11 +150,13 @@ class ChannelMasks:
         """Per group, the channels the global ranking must leave it: ``floor`` x the density ``1 - sparsity``
         of them, rounded up to a multiple of ``multiple`` so that rounding keeps them."""
         share = self.floor * (1.0 - sparsity)
-        return [min(g.size, self.multiple * math.ceil(math.ceil(share * g.size - 1e-9) / self.multiple))
-                for g in self.groups]
+        return [min(g.size, k * math.ceil(math.ceil(share * g.size - 1e-9) / k))
+                for g, k in zip(self.groups, map(self._multiple, range(len(self.groups))))]
 
     @torch.no_grad()
     def prune(self, sparsity: float, scope: str) -> None:
+        if not self.groups:
+            return
         keeps = self.keeps()
         scores = [channel_norms(self._rows(i)) for i in range(len(self.groups))]
         if scope == "global":
@@ -139,7 +165,7 @@ class ChannelMasks:
         else:
             new = [drop_smallest(s, k, int(k.sum()) - max(1, round((1 - sparsity) * g.size)))
                    for g, s, k in zip(self.groups, scores, keeps)]
-        self.set([round_kept(s, k, self.multiple) for s, k in zip(scores, new)])
+        self.set([round_kept(s, k, self._multiple(i)) for i, (s, k) in enumerate(zip(scores, new))])
 
     @torch.no_grad()
     def regrow(self, fraction: float, generator: torch.Generator | None = None) -> None:
@@ -167,7 +193,7 @@ class ChannelMasks:
                 if r.weight in self.masked and r.mask and len(pruned):
                     if r.weight not in effective:
                         effective[r.weight] = self.tensors[r.mask].clone()
-                    effective[r.weight][r.offset + pruned.to(effective[r.weight].device)] = False
+                    effective[r.weight][r.indices(pruned).to(effective[r.weight].device)] = False
         return {name: int(m.sum()) for name, m in effective.items()}
 
 

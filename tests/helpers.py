@@ -96,3 +96,16 @@ def sparsify_warned(model, config, **kw):
         warnings.simplefilter("always")
         sparse = gf.sparsify(model, config, **kw)
     return sparse, [str(w.message) for w in caught if "granet_fx" in str(w.message)]
+
+
+def near(printed: str, low: float, high: float) -> bool:
+    """Whether a number printed with 2 decimals can be the rounding of a value in [low, high]."""
+    value = float(printed.rstrip("x"))
+    return low - 0.005 <= value <= high + 0.005
+
+
+def quotient(a: str, b: str) -> tuple[float, float]:
+    """The range of a / b for a and b printed with 2 decimals (b > 0)."""
+    a, b = float(a.rstrip("x")), float(b.rstrip("x"))
+    high = (a + 0.005) / (b - 0.005) if b > 0.005 else float("inf")
+    return max(a - 0.005, 0) / (b + 0.005), high

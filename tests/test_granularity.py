@@ -208,6 +208,18 @@ def test_channel_multiple():
     assert int(model.fc2.weight_mask.all(0).sum()) == 8  # 0.3 * 32 = 9.6 channels, rounded to a multiple of 8
 
 
+@pytest.mark.parametrize("capability, multiple", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8)])
+def test_channel_multiple_auto_is_the_nchwc_block(monkeypatch, capability, multiple):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    x = torch.randn(2, 20)
+    model = gf.sparsify(MLP((20, 64, 10)), gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=0.85,
+                                                             total_steps=1, prune_end=1, channel_multiple="auto"),
+                        example_inputs=x)
+    gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.0)).step()
+    # 0.15 * 64 = 9.6 -> 10 channels: the nearest multiple of 8 is 8; of 16, the least multiple, 16
+    assert int(model.fc2.weight_mask.all(0).sum()) == multiple
+
+
 class ThreeLayers(torch.nn.Module):
     """20 -> 32 -> 32 -> 10: two groups of 32 removable channels (fc1's and fc2's outputs)."""
 
@@ -250,6 +262,8 @@ def test_channel_floor_keeps_a_starved_group_alive(floor, multiple, fc1_kept, fc
     ({"granularity": "4:2", "final_sparsity": 0.5}, "N < M"),
     ({"granularity": "0:4", "final_sparsity": 1.0}, "N < M"),
     ({"channel_multiple": 0}, "channel_multiple"),
+    ({"channel_multiple": "fast"}, "channel_multiple must be an integer >= 1 or 'auto'"),
+    ({"channel_multiple": True}, "channel_multiple must be an integer >= 1 or 'auto'"),
     ({"channel_floor": -0.1}, "channel_floor must be a number in"),
     ({"channel_floor": 1.5}, "channel_floor must be a number in"),
     ({"channel_floor": "0.1"}, "channel_floor must be a number in"),
@@ -328,3 +342,20 @@ def test_structured_masks_change_without_recompiling(granularity):
     assert any(not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(masks, masks[1:]))
     model.eval()
     assert torch.allclose(step_fn(x), model(x), atol=1e-5)
+
+
+def test_channel_granularity_without_removable_channels_warns_and_trains():
+    """A single Linear: its channels reach the output, so none can go; the model stays dense."""
+    model = torch.nn.Linear(6, 4)
+    config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=0.5, total_steps=2, prune_end=2,
+                             update_every=1)
+    with pytest.warns(UserWarning, match="found no channel that can be removed.*reaches the model output"):
+        sparse = gf.sparsify(model, config, example_inputs=(torch.randn(3, 6),))
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    granet = gf.GraNet(sparse, optimizer)
+    for _ in range(2):
+        sparse(torch.randn(3, 6)).sum().backward()
+        optimizer.step()
+        granet.step()
+        optimizer.zero_grad()
+    assert granet.report().global_sparsity == 0.0

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import near, quotient
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speedup.py"
 MODELS = ["resnet18", "mobilenetv2", "convnext"]
@@ -31,19 +33,6 @@ def dense_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     for h in handles:
         h.remove()
     return 2 * sum(macs)
-
-
-def near(printed: str, low: float, high: float) -> bool:
-    """Whether a number printed with 2 decimals can be the rounding of a value in [low, high]."""
-    value = float(printed.rstrip("x"))
-    return low - 0.005 <= value <= high + 0.005
-
-
-def quotient(a: str, b: str) -> tuple[float, float]:
-    """The range of a / b for a and b printed with 2 decimals (b > 0)."""
-    a, b = float(a.rstrip("x")), float(b.rstrip("x"))
-    high = (a + 0.005) / (b - 0.005) if b > 0.005 else float("inf")
-    return max(a - 0.005, 0) / (b + 0.005), high
 
 
 @pytest.mark.slow

@@ -612,7 +612,8 @@ def _progress_bar(done: int, total: int, what: str) -> None:
           end=end, file=sys.stderr, flush=True)
 
 
-def _positive_list(text: str) -> list[int]:
+def positive_list(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
@@ -622,7 +623,8 @@ def _positive_list(text: str) -> list[int]:
     return values
 
 
-def _at_least(low: int) -> Callable[[str], int]:
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -638,11 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="+", help="the ONNX model(s) to measure")
     parser.add_argument("--baseline", help="an ONNX model to compare with (for example the dense one)")
-    parser.add_argument("--batch", type=_positive_list, default=[1], help="batch sizes, for example 1,8,32 (default 1)")
-    parser.add_argument("--threads", type=_at_least(1), default=os.cpu_count() or 1,
+    parser.add_argument("--batch", type=positive_list, default=[1], help="batch sizes, for example 1,8,32 (default 1)")
+    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1,
                         help="onnxruntime intra-op threads (default: all logical CPUs)")
-    parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed runs per model and batch (default 5)")
-    parser.add_argument("--runs", type=_at_least(1), default=30, help="timed runs per model and batch (default 30)")
+    parser.add_argument("--warmup", type=at_least(0), default=5, help="untimed runs per model and batch (default 5)")
+    parser.add_argument("--runs", type=at_least(1), default=30, help="timed runs per model and batch (default 30)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     try:
         args = parser.parse_args(argv)

@@ -1,7 +1,10 @@
 """Which channels must be removed together: a networkx graph of channel spaces.
 
-The model is captured whole with ``torch.export`` (non-strict), whose graph
-names every parameter. A *channel space* is the output channels of one
+The model's aten graph is recorded while it runs once on the example inputs
+(``capture``: a dispatch mode, about the cost of one forward pass; conv, linear,
+norm and attention calls are kept whole, as ``torch.export`` keeps them), its
+get_attr nodes named like the parameters; a model whose code reads tensor
+values is captured by ``torch.export`` (non-strict) instead. A *channel space* is the output channels of one
 conv/linear weight. Walking the graph, every tensor gets a *layout*: the
 dimension that holds its channels and the spaces they come from (several after
 a concatenation; each channel repeated over the trailing positions after a
@@ -20,8 +23,11 @@ convolution, a layer norm, or any operation this pass does not follow, is
 
 from __future__ import annotations
 
+import linecache
 import math
 import operator
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -29,6 +35,9 @@ from typing import Any, Iterator
 import networkx as nx
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..export.console import first_line
 from .trace import training_mode
@@ -39,7 +48,8 @@ _CONVS = {
     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
     aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default,
 }
-_BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+                aten.native_batch_norm.default}
 # Ops that keep every dimension and act on each channel separately.
 _CHANNELWISE = {
     aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
@@ -53,11 +63,16 @@ _SPATIAL = {
     aten.max_pool2d_with_indices.default: 2, aten.max_pool3d_with_indices.default: 3,
     aten.adaptive_max_pool1d.default: 1, aten.adaptive_max_pool2d.default: 2,
     aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2,
+    # the forms they take in a recorded graph (see ``capture``)
+    aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3,
+    aten.upsample_nearest1d.default: 1, aten.upsample_nearest2d.default: 2, aten.upsample_nearest3d.default: 3,
+    aten.upsample_bilinear2d.default: 2,
 }
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+_TRANSPOSES = {aten.transpose.int, aten.permute.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 # Ops whose output 0 (read by getitem) carries the layout.
-_TUPLE_OUTPUTS = {aten._native_batch_norm_legit_no_training.default, aten.max_pool2d_with_indices.default,
+_TUPLE_OUTPUTS = {aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default, aten.max_pool2d_with_indices.default,
                   aten.max_pool3d_with_indices.default, aten.adaptive_max_pool1d.default,
                   aten.adaptive_max_pool2d.default}
 
@@ -103,7 +118,7 @@ class Member:
         if self.role == "column":
             t = t.index_select(1, self.indices(torch.arange(size)).to(t.device)).movedim(1, 0)
         else:
-            t = t.narrow(0, self.offset, size)
+            t = t.narrow(0, self.offset, size * self.repeat)   # a head's rows are consecutive
         return t.reshape(size, -1)
 
 
@@ -126,9 +141,13 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class _Segment:
+    """``size`` entries of a space, each repeated ``repeat`` times; an entry is ``unit`` consecutive
+    channels of the space (more than one after a split into attention heads: an entry is a head)."""
+
     space: str
     size: int
     repeat: int = 1
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -144,8 +163,8 @@ class _Layout:
             yield offset, s
             offset += s.size * s.repeat
 
-    def shape(self) -> tuple[tuple[int, int], ...]:
-        return tuple((s.size, s.repeat) for s in self.segments)
+    def shape(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((s.size, s.repeat, s.unit) for s in self.segments)
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -172,8 +191,226 @@ def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     return program.module()
 
 
-def find_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
-    """The channel groups of an exported graph (see ``export_graph``)."""
+class _NeedsExport(Exception):
+    """The recording cannot stand for the model on other inputs (it read a tensor's value): use torch.export."""
+
+
+@dataclass
+class Capture:
+    """A model's aten graph, recorded while it runs on the example inputs (see ``capture``).
+
+    A node's ``meta["val"]`` is the tensor it made, for its shape and dtype (an in-place op may have
+    changed its values since; ``values`` holds the inputs of conv/linear calls as those calls read them).
+    """
+
+    graph: fx.Graph
+    outputs: Any = None                                    # what the model returned
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # inputs of conv/linear calls, by node name
+    exported: fx.GraphModule | None = None                 # set when torch.export made the graph instead
+
+
+# Layer functions recorded as one node (as torch.export records them), not as the aten ops they decompose into:
+# torch function -> (aten op, its parameter names in the function's order).
+_LAYER_FUNCTIONS = {
+    torch.conv1d: (aten.conv1d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv2d: (aten.conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch.conv3d: (aten.conv3d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    torch._C._nn.linear: (aten.linear, ("input", "weight", "bias")),
+    torch.nn.functional.batch_norm: (aten.batch_norm, ("input", "running_mean", "running_var", "weight", "bias",
+                                                       "training", "momentum", "eps")),
+    torch.batch_norm: (aten.batch_norm, ("input", "weight", "bias", "running_mean", "running_var", "training",
+                                         "momentum", "eps", "cudnn_enabled")),
+    torch.nn.functional.layer_norm: (aten.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
+    torch.layer_norm: (aten.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")),
+    torch.nn.functional.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
+    torch.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")),
+    torch._C._nn.scaled_dot_product_attention: (
+        aten.scaled_dot_product_attention,
+        ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")),
+    # kept as written: their decomposition into view replaces a -1 or a flatten by numbers (see _inferred)
+    torch.flatten: (aten.flatten, ("self", "start_dim", "end_dim")),
+    torch.Tensor.flatten: (aten.flatten, ("self", "start_dim", "end_dim")),
+    torch.reshape: (aten.reshape, ("self", "shape")),
+    torch.Tensor.reshape: (aten.reshape, ("self", "shape")),
+}
+# The same ops called as aten ops (the code of an ExportedProgram's module does that).
+_LAYER_FUNCTIONS.update({
+    op: (packet, tuple(a.name for a in op._schema.arguments))
+    for packet, op in {(packet, getattr(packet, overload)) for packet, _ in _LAYER_FUNCTIONS.values()
+                       for overload in packet.overloads() if overload != "out"}
+})
+# Reads of a tensor's values into Python that no aten op shows (item and bool do: _local_scalar_dense).
+_VALUE_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_MODULES = os.path.join(_TORCH_DIR, "nn", "modules") + os.sep
+
+
+def _user_line(frame) -> str:
+    """The innermost line of model code (torch.nn modules included, torch's machinery not), as a traceback
+    shows it."""
+    while frame is not None and ((frame.f_code.co_filename.startswith(_TORCH_DIR)
+                                  and not frame.f_code.co_filename.startswith(_TORCH_MODULES))
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    code = frame.f_code
+    line = linecache.getline(code.co_filename, frame.f_lineno, frame.f_globals).strip()
+    return f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n    {line}'
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten op the model runs as a node of an fx graph (tensors mapped to nodes by identity)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.graph = fx.Graph()
+        # a tensor shared by several names (tied weights) goes by the last, as torch.export names it
+        self.names = {id(t): name for name, t in named_tensors(model).items()}
+        self.nodes: dict[int, fx.Node] = {}
+        self.alive: list[torch.Tensor] = []   # every tensor seen stays alive, so that no id is reused
+        self.values: dict[str, torch.Tensor] = {}
+        self.saved: dict[int, list[str]] = {}  # storage -> names of values that live in it
+        self.paused = False
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled in here; wrapping __torch_dispatch__ in torch._dynamo.disable, the default,
+        # would import torch._dynamo on the first call (seconds) and cost time at every op.
+        return False
+
+    def node(self, t: torch.Tensor) -> fx.Node:
+        n = self.nodes.get(id(t))
+        if n is None:
+            name = self.names.get(id(t))
+            n = self.graph.get_attr(name) if name is not None else self.graph.placeholder("input")
+            n.meta["val"] = t
+            self.nodes[id(t)] = n
+            self.alive.append(t)
+        return n
+
+    def nodes_of(self, x: Any) -> Any:
+        """``x`` (an op's argument) with its tensors replaced by their nodes."""
+        if isinstance(x, torch.Tensor):
+            return self.node(x)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self.nodes_of(a) for a in x)
+        if isinstance(x, dict):
+            return {k: self.nodes_of(v) for k, v in x.items()}
+        return x
+
+    def record(self, target, args: tuple, kwargs: dict, out: Any) -> None:
+        paused, self.paused = self.paused, True   # nothing done here is an op of the model
+        try:
+            node_args = self.nodes_of(args)
+            node = self.graph.call_function(target, node_args, self.nodes_of(kwargs))
+            node.meta["stack_trace"] = _user_line(sys._getframe(2))
+            if target in _CONVS or target is aten.linear.default:
+                self.save(node_args[0], args[0])
+            if not isinstance(out, (tuple, list)):
+                node.meta["val"] = out
+                if isinstance(out, torch.Tensor):
+                    self.nodes[id(out)] = node
+                    self.alive.append(out)
+                return
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta["val"] = t
+                    self.nodes[id(t)] = item
+                    self.alive.append(t)
+            node.meta["val"] = out
+        finally:
+            self.paused = paused
+
+    def save(self, node: Any, value: Any) -> None:
+        if isinstance(node, fx.Node) and isinstance(value, torch.Tensor) and node.name not in self.values:
+            self.values[node.name] = value
+            self.saved.setdefault(value.untyped_storage().data_ptr(), []).append(node.name)
+
+    def keep_saved(self, func, args: tuple, kwargs: dict) -> None:
+        """Before ``func`` writes to a tensor, copy the saved values that share its storage."""
+        for i, arg in enumerate(func._schema.arguments):
+            t = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(t, torch.Tensor):
+                for name in self.saved.pop(t.untyped_storage().data_ptr(), []):
+                    self.values[name] = self.values[name].clone()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        if func is aten._local_scalar_dense.default:
+            raise _NeedsExport(f"reads a tensor's value ({_user_line(sys._getframe(1))})")
+        if func._schema.is_mutable:
+            self.keep_saved(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.record(func, args, kwargs, out)
+        return out
+
+
+class _LayerCalls(TorchFunctionMode):
+    """Records the calls of ``_LAYER_FUNCTIONS`` as one node each, the aten ops inside them not at all."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_READS and not self.recorder.paused:
+            raise _NeedsExport(f"reads a tensor's value ({_user_line(sys._getframe(1))})")
+        layer = _LAYER_FUNCTIONS.get(func)
+        if layer is None or self.recorder.paused:
+            return func(*args, **kwargs)
+        packet, names = layer
+        if packet is aten.reshape and len(args) > 1 and not isinstance(args[1], (list, tuple, torch.Size)):
+            bound = {"self": args[0], "shape": list(args[1:])}   # x.reshape(a, b, c)
+        else:
+            bound = dict(zip(names, args), **kwargs)
+        if packet is aten.flatten:
+            if any(isinstance(v, str) or isinstance(v, (list, tuple)) for v in bound.values()):
+                return func(*args, **kwargs)                     # dimension names: recorded as aten ops
+            op = packet.using_ints
+        elif packet in (aten.conv1d, aten.conv2d, aten.conv3d) and isinstance(bound.get("padding"), str):
+            op = packet.padding
+        else:
+            op = packet.default
+        op_args = tuple(bound[a.name] if a.name in bound else a.default_value for a in op._schema.arguments)
+        self.recorder.paused = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.recorder.paused = False
+        self.recorder.record(op, op_args, {}, out)
+        return out
+
+
+def capture(model: nn.Module, example_inputs: tuple, values: bool = False) -> Capture:
+    """The aten graph of ``model`` (eval mode) on ``example_inputs``, recorded while it runs once.
+
+    Much cheaper than ``torch.export`` (one forward pass). Its get_attr targets are the model's
+    parameter and buffer names; other tensors (inputs, constants) are placeholders. With ``values``,
+    the inputs of conv/linear calls are kept (``Capture.values``). A model whose code reads a tensor's
+    value (data-dependent control flow), or that the recording cannot follow, is captured by
+    ``torch.export`` instead (``export_graph``: the same graph, or its clear error).
+    """
+    recorder = _Recorder(model)
+    try:
+        with training_mode(model, False), torch.no_grad(), recorder, _LayerCalls(recorder):
+            outputs = model(*example_inputs)
+        leaves = pytree.tree_leaves(outputs)
+        if not all(isinstance(t, (torch.Tensor, int, float, bool, str, type(None))) for t in leaves):
+            raise _NeedsExport("returns objects that are not tensors")
+    except Exception:
+        gm = export_graph(model, example_inputs)
+        return Capture(gm.graph, exported=gm)
+    recorder.graph.output(tuple(recorder.node(t) for t in leaves if isinstance(t, torch.Tensor)))
+    return Capture(recorder.graph, outputs, recorder.values if values else {})
+
+
+def find_groups(gm: fx.GraphModule | Capture) -> list[ChannelGroup]:
+    """The channel groups of a captured or exported graph (see ``capture``, ``export_graph``)."""
     return _Analysis(gm).run()
 
 
@@ -181,11 +418,11 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """The channel groups of ``model`` on ``example_inputs`` (a tensor or a tuple)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return find_groups(export_graph(model, example_inputs))
+    return find_groups(capture(model, example_inputs))
 
 
-def layer_positions(gm: fx.GraphModule) -> dict[str, int]:
-    """For each conv/linear weight of an exported graph, the output positions it computes (batch x
+def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, int]:
+    """For each conv/linear weight of a captured or exported graph, the output positions it computes (batch x
     spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
     positions: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -220,6 +457,15 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _inferred(node: fx.Node, dim: int) -> bool:
+    """Whether a view or reshape leaves size ``dim`` to be inferred (-1, or a flatten), so that it
+    follows when channels are removed; a number written in the model's code would not."""
+    if node.target is aten.flatten.using_ints:
+        return True
+    sizes = node.args[1] if len(node.args) > 1 else None
+    return isinstance(sizes, (list, tuple)) and len(sizes) > dim and isinstance(sizes[dim], int) and sizes[dim] == -1
+
+
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -229,7 +475,7 @@ def _is_tensor(node: Any) -> bool:
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule | Capture):
         self.gm = gm
         self.graph = nx.Graph()
         self.layouts: dict[fx.Node, _Layout | None] = {}
@@ -239,7 +485,7 @@ class _Analysis:
     # Spaces and their edges -------------------------------------------------
     def new_space(self, name: str, size: int, dim: int) -> _Layout:
         if name not in self.graph:
-            self.graph.add_node(name, size=size, pinned=[])
+            self.graph.add_node(name, size=size, pinned=[], unit=1)
         return _Layout(dim, (_Segment(name, size),))
 
     def pin(self, layout: _Layout | None, reason: str) -> None:
@@ -307,6 +553,23 @@ class _Analysis:
                 return layout
         elif t in _RESHAPES:
             return self.reshape(node)
+        elif t in _TRANSPOSES:
+            return self.transpose(node)
+        elif t is aten.unsqueeze.default:
+            layout = self.layouts[node.args[0]]
+            at = node.args[1] % _val(node).dim()
+            return _Layout(layout.dim + (at <= layout.dim), layout.segments)
+        elif t is aten.expand.default:
+            layout = self.layouts[node.args[0]]
+            before, after = _val(node.args[0]).shape, _val(node).shape
+            d = layout.dim + len(after) - len(before)
+            if after[d] == before[layout.dim]:
+                return _Layout(d, layout.segments)          # new or broadcast dimensions, not the channels
+        elif t is aten.slice.Tensor and _arg(node, 1, "dim", 0) % _val(node.args[0]).dim() != \
+                self.layouts[node.args[0]].dim:
+            return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
+        elif t is aten.scaled_dot_product_attention.default:
+            return self.attention(node)
         elif t in _REDUCTIONS:
             return self.reduction(node)
         elif t is aten.cat.default:
@@ -392,11 +655,68 @@ class _Analysis:
             return layout                                            # only dimensions after the channels change
         if len(after) == d + 1 and after[:d] == before[:d] and after[d] == math.prod(before[d:]):
             inner = math.prod(before[d + 1:])                        # a flatten of the channels and what follows
+            if any(s.unit > 1 for s in layout.segments) and not _inferred(node, d):
+                return self.unknown(node, "fixes the width of the merged heads in")
             return _Layout(d, tuple(replace(s, repeat=s.repeat * inner) for s in layout.segments))
         tail = before[d:]
         if len(after) >= len(tail) and after[len(after) - len(tail):] == tail:
             return _Layout(len(after) - len(tail), layout.segments)  # only dimensions before the channels change
+        if len(after) == len(before) - 1 and d + 1 < len(before) and after[:d] == before[:d] \
+                and after[d] == before[d] * before[d + 1] and after[d + 1:] == before[d + 2:]:
+            # the channels merged with the dimension after them (grouped-query attention repeats key and
+            # value heads so): each entry now repeats that many times
+            return _Layout(d, tuple(replace(s, repeat=s.repeat * before[d + 1]) for s in layout.segments))
+        if len(after) == len(before) + 1 and after[:d] == before[:d] and after[d + 2:] == before[d + 1:] \
+                and after[d] * after[d + 1] == before[d] and len(layout.segments) == 1:
+            return self.split(layout.segments[0], d, after[d], after[d + 1], node)
         return self.unknown(node)
+
+    def split(self, segment: _Segment, dim: int, heads: int, width: int, node: fx.Node) -> _Layout | None:
+        """Channels split into ``heads`` x ``width`` (attention heads): the heads carry the layout, and
+        the space's channels can only go a head (``width`` channels) at a time."""
+        space = self.graph.nodes[segment.space]
+        if segment.repeat != 1 or segment.unit != 1 or space["unit"] not in (1, width):
+            return self.unknown(node)
+        if not _inferred(node, dim):
+            return self.unknown(node, "fixes the number of heads in")   # the compacted model would keep it
+        space["unit"] = width
+        return _Layout(dim, (replace(segment, size=heads, unit=width),))
+
+    def transpose(self, node: fx.Node) -> _Layout | None:
+        layout = self.layouts[node.args[0]]
+        rank = _val(node.args[0]).dim()
+        if node.target is aten.transpose.int:
+            a, b = (d % rank for d in node.args[1:3])
+            order = list(range(rank))
+            order[a], order[b] = b, a
+        else:
+            order = [d % rank for d in node.args[1]]
+        return _Layout(order.index(layout.dim), layout.segments)
+
+    def attention(self, node: fx.Node) -> _Layout | None:
+        """scaled_dot_product_attention: the heads of query, key and value line up, and the output's
+        are those of value; the heads are dimension -3."""
+        q, k, v = (self.layouts.get(a) for a in node.args[:3])
+        mask = _arg(node, 3, "attn_mask")
+        rank = _val(node).dim()
+        if any(l is None or l.dim != rank - 3 for l in (q, k, v)) or self.layouts.get(mask) is not None \
+                or _arg(node, 7, "enable_gqa", False):
+            return self.unknown(node)
+        if _is_tensor(mask) and _val(mask).dim() >= 3 and _val(mask).shape[-3] != 1:
+            return self.unknown(node, "meets a bias per head of unknown origin in")   # relative position biases
+        self.couple(k, v, f"key and value heads differ in {_describe(node)}")
+        if q.shape() != k.shape() and len(q.segments) == len(k.segments) == 1 and q.segments[0].repeat == 1 \
+                and q.segments[0].size == k.segments[0].size * k.segments[0].repeat \
+                and q.segments[0].unit == k.segments[0].unit > 1:
+            # grouped-query attention: each key/value head serves ``repeat`` query heads, which go with it
+            space = self.graph.nodes[q.segments[0].space]
+            width = q.segments[0].unit * k.segments[0].repeat
+            if space["unit"] in (q.segments[0].unit, width):
+                space["unit"] = width
+                self.graph.add_edge(q.segments[0].space, k.segments[0].space)
+                return v
+        self.couple(q, k, f"query and key heads differ in {_describe(node)}")
+        return v
 
     def reduction(self, node: fx.Node) -> _Layout | None:
         layout = self.layouts[node.args[0]]
@@ -452,17 +772,28 @@ class _Analysis:
     def groups(self) -> list[ChannelGroup]:
         order = {space: i for i, space in enumerate(self.graph.nodes)}
         by_space: dict[str, ChannelGroup] = {}
+        units_of: dict[str, int] = {}
         groups = []
         for component in sorted(nx.connected_components(self.graph), key=lambda c: min(order[s] for s in c)):
             spaces = sorted(component, key=order.get)
-            group = ChannelGroup(size=self.graph.nodes[spaces[0]]["size"])
+            # a space split into heads goes a head at a time (with grouped-query attention, a query
+            # space a group of heads at a time); the spaces joined to it channel by channel, likewise
+            heads = {self.graph.nodes[s]["unit"] for s in spaces} - {1}
+            for s in spaces:
+                units_of[s] = self.graph.nodes[s]["unit"] if self.graph.nodes[s]["unit"] > 1 else max(heads, default=1)
+            sizes = [self.graph.nodes[s]["size"] // units_of[s] for s in spaces]
+            group = ChannelGroup(size=sizes[0])
+            if len(set(sizes)) > 1 or any(self.graph.nodes[s]["size"] % units_of[s] for s in spaces):
+                group.pinned.append(f"attention heads of different widths ({sorted(heads)}) meet")
             groups.append(group)
             for s in spaces:
                 group.pinned += [r for r in self.graph.nodes[s]["pinned"] if r not in group.pinned]
                 by_space[s] = group
         for member, layout in self.members:
             for offset, segment in layout.with_offsets():
-                by_space[segment.space].members.append(replace(member, offset=offset, repeat=segment.repeat))
+                # a group's channel is ``unit`` channels of each space (a head): entries of the segment
+                repeat = segment.repeat * units_of[segment.space] // segment.unit
+                by_space[segment.space].members.append(replace(member, offset=offset, repeat=repeat))
         return groups
 
 

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
-from .channel_groups import ChannelGroup, Member, export_graph, find_groups, layer_positions, named_tensors
+from .channel_groups import Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors
 from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
@@ -87,8 +87,8 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
 
     ``model`` is any module: one from ``sparsify``, an ordinary one, or the
     ``module()`` of a ``torch.export`` program. ``example_inputs`` (a tensor or
-    a tuple of positional inputs) is needed to capture the model with
-    ``torch.export`` and to check the result. The copy has no masks (they are
+    a tuple of positional inputs) is needed to capture the model's graph
+    (``channel_groups.capture``) and to check the result. The copy has no masks (they are
     folded into the weights), is in eval mode, and carries a
     ``CompactionReport`` (``compaction_report(copy)``; ``print`` it).
     """
@@ -98,14 +98,14 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     new = fold(model) if getattr(model, INFO_ATTR, None) is not None else copy.deepcopy(model)
     for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
         vars(new).pop(name, None)
-    reference = _run(new, inputs)
     new.eval()
-    gm = export_graph(new, inputs)
-    groups = find_groups(gm)
+    graph = capture(new, inputs, values=True)
+    reference = graph.outputs if graph.exported is None else _run(new, inputs)
+    groups = find_groups(graph)
     tensors = named_tensors(new)
-    positions = layer_positions(gm)
+    positions = layer_positions(graph)
     macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
-    values = _probe(gm, inputs, {c.node for g in groups for c in g.columns})
+    values = _Probe(new, graph, inputs, {c.node for g in groups for c in g.columns})
 
     kept: Counter[str] = Counter()
     removals, folds = [], []
@@ -147,11 +147,11 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     """The channels of ``group`` to remove, and the constants to fold: [(column, channel, constants)]."""
     zero_rows = torch.ones(group.size, dtype=torch.bool)
     for r in group.rows:
-        zero_rows &= (r.channels(tensors[r.weight].detach(), group.size) == 0).all(1).cpu()
+        zero_rows &= ~_nonzero(r, tensors[r.weight].detach(), group.size)
     # No layer reads the channels: they are unread, unless pinned (read by the output or by unknown ops).
     unread = torch.full((group.size,), not group.pinned or bool(group.columns))
     for c in group.columns:
-        unread &= (c.channels(tensors[c.weight].detach(), group.size) == 0).all(1).cpu()
+        unread &= ~_nonzero(c, tensors[c.weight].detach(), group.size)
     dead = zero_rows | unread
     if group.pinned:
         if dead.any():
@@ -187,6 +187,15 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     return remove.nonzero().squeeze(1), folds
 
 
+def _nonzero(member: Member, t: torch.Tensor, size: int) -> torch.Tensor:
+    """For each of the group's ``size`` channels, whether ``member``'s tensor ``t`` has a non-zero entry
+    for it (NaN counts as non-zero); read in one pass, without copying ``t``."""
+    if member.role == "column":
+        columns = t.any(0).reshape(t.shape[1], -1).any(1)     # per input channel of the layer
+        return columns[member.indices(torch.arange(size)).to(t.device)].view(size, -1).any(1).cpu()
+    return t.narrow(0, member.offset, size * member.repeat).reshape(size, -1).any(1).cpu()
+
+
 def _constants(value: tuple[torch.Tensor, torch.Tensor] | None, column: Member, channel: int) -> torch.Tensor | None:
     """The constant inputs that ``column`` reads for ``channel`` (one per position), or None if they vary."""
     if value is None:
@@ -201,11 +210,29 @@ def _constants(value: tuple[torch.Tensor, torch.Tensor] | None, column: Member, 
     return torch.stack(out)
 
 
-def _probe(gm: fx.GraphModule, inputs: tuple, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+class _Probe:
+    """The values of the named nodes (see ``_probe``), found when first asked for: most models have no
+    channel that needs them."""
+
+    def __init__(self, model: nn.Module, graph: Capture, inputs: tuple, names: set[str]):
+        self.args, self.values = (model, graph, inputs, names), None
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.values is None:
+            self.values = _probe(*self.args)
+        return self.values.get(name)
+
+
+def _probe(model: nn.Module, graph: Capture, inputs: tuple, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Values of the named nodes on the example inputs and on a random input of the same shapes."""
     generator = torch.Generator().manual_seed(0)
     other = tuple(torch.randn(x.shape, generator=generator, dtype=x.dtype) if isinstance(x, torch.Tensor)
                   and x.is_floating_point() else x for x in inputs)
+    if graph.exported is None:
+        again = capture(model, other, values=True)
+        if [(n.name, n.target) for n in again.graph.nodes] != [(n.name, n.target) for n in graph.graph.nodes]:
+            return {}   # another path through the model's code: no value is known to be constant
+        return {name: (graph.values[name], again.values[name]) for name in names if name in graph.values}
     runs = []
     for args in (inputs, other):
         seen: dict[str, torch.Tensor] = {}
@@ -218,7 +245,7 @@ def _probe(gm: fx.GraphModule, inputs: tuple, names: set[str]) -> dict[str, tupl
                 return result
 
         with torch.no_grad():
-            Recorder(gm).run(*args)
+            Recorder(graph.exported).run(*args)
         runs.append(seen)
     return {name: (runs[0][name], runs[1][name]) for name in runs[0]}
 
@@ -293,7 +320,7 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
         module, leaf = _owner(model, name)
         old = getattr(module, leaf)
         keep = torch.tensor([i for i in range(old.shape[dim]) if i not in gone], dtype=torch.long)
-        new = old.detach().index_select(dim, keep.to(old.device)).clone()
+        new = old.detach().index_select(dim, keep.to(old.device))   # a new tensor: shares nothing with old
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
         else:
@@ -302,6 +329,7 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
 
 def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
     """Set ``groups`` of depthwise convs to their new channel count, and the modules' size attributes."""
+    changed: dict[int, fx.GraphModule] = {}
     for group, _ in removals:
         for r in group.rows:
             if not r.depthwise:
@@ -315,7 +343,9 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
                     node.update_arg(6, channels)
                 else:
                     node.update_kwarg("groups", channels)
-                gm.recompile()
+                changed[id(gm)] = gm
+    for gm in changed.values():
+        gm.recompile()
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
