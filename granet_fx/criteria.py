@@ -118,12 +118,7 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     n_drop = sum(counts) - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    dropped = _pick(scores, masks, n_drop, sum(counts), comm)
-    if _none_emptied(dropped, counts, comm):
-        return _without(masks, dropped)
-    best = _best(scores, masks, counts, comm)
-    rest = _without(masks, [b if b is None else torch.tensor([b]) for b in best])
-    return _without(masks, _pick(scores, rest, n_drop, sum(counts) - sum(c > 0 for c in counts), comm))
+    return _drop_keeping_every_layer(scores, masks, counts, lambda pool, n: _pick(scores, pool, n_drop, n, comm), comm)
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -154,12 +149,7 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
                        n_drop, min(size, count), comm)
         return [c[i] for c, i in zip(candidates, chosen)]
 
-    first = dropped(masks, total)
-    if _none_emptied(first, counts, comm):
-        return _without(masks, first)
-    best = _best(scores, masks, counts, comm)    # as in prune_global
-    rest = _without(masks, [b if b is None else torch.tensor([b]) for b in best])
-    return _without(masks, dropped(rest, total - sum(c > 0 for c in counts)))
+    return _drop_keeping_every_layer(scores, masks, counts, dropped, comm)
 
 
 def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
@@ -167,20 +157,25 @@ def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
     return comm.sum([int(torch.count_nonzero(m)) for m in masks])
 
 
-def _none_emptied(dropped: Sequence[torch.Tensor], counts: Sequence[int], comm: Comm) -> bool:
-    """True when every mask that had an active entry keeps one after ``dropped`` (flat indices) go."""
+def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm) -> list[torch.Tensor]:
+    """``masks`` without the entries that ``choose(pool, active count)`` picks (flat indices per mask); should
+    that empty a mask, every mask keeps its best-scored entry and ``choose`` picks from the others."""
+    dropped = choose(masks, sum(counts))
     gone = comm.sum([len(d) for d in dropped])
-    return all(g < c for g, c in zip(gone, counts) if c)
+    if all(g < c for g, c in zip(gone, counts) if c):
+        return _without(masks, dropped)
+    rest = _without(masks, _best(scores, masks, counts, comm))
+    return _without(masks, choose(rest, sum(counts) - sum(c > 0 for c in counts)))
 
 
-def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[int | None]:
-    """Per mask with an active entry, the flat index (on the rank that holds it, None elsewhere) of the
-    active entry with the largest score, the last one among equals."""
+def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[torch.Tensor | None]:
+    """Per mask with an active entry, the flat index (a one-entry tensor, on the rank that holds it; None
+    elsewhere) of the active entry with the largest score, the last one among equals."""
     local = []
     for s, m in zip(scores, masks):
         flat = torch.where(m, s.detach().float(), -math.inf).flatten()
         top = flat.max() if flat.numel() else torch.tensor(-math.inf)
-        local.append((top, int((flat == top).nonzero()[-1]) if m.any() else None))
+        local.append((top, (flat == top).nonzero()[-1] if m.any() else None))
     table = comm.table(torch.stack([t for t, _ in local]).double())   # (world, masks)
     best = []
     for u, ((_, index), c) in enumerate(zip(local, counts)):
@@ -245,22 +240,27 @@ def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int,
     if k <= 0:
         return [torch.zeros(0, dtype=torch.long, device=device) for _ in pools]
     scores = [s.detach().float().reshape(-1) for s in scores]
-    lo, hi = _bracket(scores, pools, count - k + 1 if largest else k, count, comm)
-    outer, inner = (lo, hi) if largest else (-hi, -lo)    # in keys: -score, or score, so smallest keys go
-    while True:
+
+    def gather(upper: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Flat indices and keys of the pool entries whose key is at most ``upper``: the one pass."""
         index, keys = [], []
-        for s, p in zip(scores, pools):     # the one pass over each tensor
-            chosen = p.reshape(-1) if outer == -math.inf else \
-                (torch.ge(s, outer) if largest else torch.le(s, -outer)).logical_and_(p.reshape(-1))
+        for s, p in zip(scores, pools):
+            chosen = p.reshape(-1) if upper == math.inf else \
+                (torch.ge(s, -upper) if largest else torch.le(s, upper)).logical_and_(p.reshape(-1))
             i = chosen.nonzero().squeeze(1)
             index.append(i)
             keys.append(s[i].neg_() if largest else s[i])
-        sure = comm.sum([sum(int(torch.count_nonzero(key < -inner)) for key in keys)])[0]
-        inside = comm.cat(torch.cat([key[key >= -inner] for key in keys] or [torch.zeros(0)]).to(device))
-        if sure < k <= sure + inside.numel() or outer == -math.inf:
-            break
-        outer, inner = -math.inf, math.inf
-    if outer == -math.inf and not sure < k <= sure + inside.numel():
+        return index, keys
+
+    # keys: the score, or -score for the largest; the k smallest keys are picked
+    lo, hi = _bracket(scores, pools, count - k + 1 if largest else k, count, comm)
+    upper, lower = (-lo, -hi) if largest else (hi, lo)
+    index, keys = gather(upper)
+    sure = comm.sum([sum(int(torch.count_nonzero(key < lower)) for key in keys)])[0]
+    inside = comm.cat(torch.cat([key[key >= lower] for key in keys]).to(device))
+    if not sure < k <= sure + inside.numel():       # the sample missed: select among all entries
+        if upper < math.inf:
+            index, keys = gather(math.inf)
         sure, inside = 0, comm.cat(torch.cat(keys).to(device))
     value = torch.kthvalue(inside, k - sure).values
     below = [key < value for key in keys]

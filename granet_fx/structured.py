@@ -93,12 +93,13 @@ class ChannelMasks:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1,
                  floor: float = 0.5):
-        self.multiple = multiple
         self.floor = floor
         self.masked = set(masked)
         self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
                        and all(c.weight in self.masked and c.mask for c in g.columns)]
         self.costs = [sum(r.repeat for r in g.rows) for g in self.groups]   # rows per channel (a head has many)
+        # ``multiple`` in each group's channels: a head 64 channels wide is already a multiple of 8 channels
+        self.multiples = [multiple // math.gcd(multiple, g.rows[0].repeat) for g in self.groups]
         self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
         self.tensors = named_tensors(model)
         self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
@@ -108,11 +109,6 @@ class ChannelMasks:
         1/sqrt(rows) so that its norm is a root mean square over them, like one channel's."""
         g = self.groups[i]
         return [r.channels(self.tensors[r.weight].detach(), g.size) / math.sqrt(r.repeat) for r in g.rows]
-
-    def _multiple(self, i: int) -> int:
-        """``multiple`` in the group's channels: a head of width 64 is already a multiple of 8 channels."""
-        width = self.groups[i].rows[0].repeat
-        return self.multiple // math.gcd(self.multiple, width)
 
     def _gradient_columns(self, i: int) -> list[torch.Tensor | None]:
         """The group's columns of every reader's weight gradient (None where there is none), channels first."""
@@ -137,10 +133,10 @@ class ChannelMasks:
     def initialize(self, sparsity: float, generator: torch.Generator) -> None:
         if sparsity > 0:
             keeps = []
-            for i, g in enumerate(self.groups):
+            for g, multiple in zip(self.groups, self.multiples):
                 score = torch.rand(g.size, generator=generator)
                 keep = grow_largest(score, torch.zeros(g.size, dtype=torch.bool), max(1, round((1 - sparsity) * g.size)))
-                keeps.append(round_kept(score, keep, self._multiple(i)))
+                keeps.append(round_kept(score, keep, multiple))
             self.set(keeps)
         for g in self.groups:
             for c in g.columns:
@@ -151,7 +147,7 @@ class ChannelMasks:
         of them, rounded up to a multiple of ``multiple`` so that rounding keeps them."""
         share = self.floor * (1.0 - sparsity)
         return [min(g.size, k * math.ceil(math.ceil(share * g.size - 1e-9) / k))
-                for g, k in zip(self.groups, map(self._multiple, range(len(self.groups))))]
+                for g, k in zip(self.groups, self.multiples)]
 
     @torch.no_grad()
     def prune(self, sparsity: float, scope: str) -> None:
@@ -165,7 +161,7 @@ class ChannelMasks:
         else:
             new = [drop_smallest(s, k, int(k.sum()) - max(1, round((1 - sparsity) * g.size)))
                    for g, s, k in zip(self.groups, scores, keeps)]
-        self.set([round_kept(s, k, self._multiple(i)) for i, (s, k) in enumerate(zip(scores, new))])
+        self.set([round_kept(s, k, m) for s, k, m in zip(scores, new, self.multiples)])
 
     @torch.no_grad()
     def regrow(self, fraction: float, generator: torch.Generator | None = None) -> None:

@@ -1,6 +1,10 @@
 """Small models and a training loop shared by the tests."""
 
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +113,11 @@ def quotient(a: str, b: str) -> tuple[float, float]:
     a, b = float(a.rstrip("x")), float(b.rstrip("x"))
     high = (a + 0.005) / (b - 0.005) if b > 0.005 else float("inf")
     return max(a - 0.005, 0) / (b + 0.005), high
+
+
+def run_benchmark(script, args, out):
+    """Run a benchmark script as a command (``args`` end with ``--out out``); its text and JSON outputs."""
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out.with_suffix(".txt").read_text(), json.loads(out.with_suffix(".json").read_text())

@@ -353,9 +353,5 @@ def test_channel_granularity_without_removable_channels_warns_and_trains():
         sparse = gf.sparsify(model, config, example_inputs=(torch.randn(3, 6),))
     optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1)
     granet = gf.GraNet(sparse, optimizer)
-    for _ in range(2):
-        sparse(torch.randn(3, 6)).sum().backward()
-        optimizer.step()
-        granet.step()
-        optimizer.zero_grad()
+    train(sparse, optimizer, granet, [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(2)])
     assert granet.report().global_sparsity == 0.0

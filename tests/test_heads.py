@@ -135,7 +135,7 @@ def test_channel_multiple_counts_channels_not_heads():
     masks = ChannelMasks(sparse, channel_groups(sparse, torch.randn(2, 5, 32)), ["q.weight", "k.weight", "v.weight",
                                                                                      "o.weight"], multiple=8)
     (i,) = [i for i, g in enumerate(masks.groups) if g.size == 8]
-    assert masks._multiple(i) == 2
+    assert masks.multiples[i] == 2
     assert masks.costs[i] == 3 * 4                       # a head is 4 rows of each of q, k and v
 
 

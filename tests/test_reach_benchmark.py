@@ -1,14 +1,13 @@
 """benchmarks/reach.py with tiny settings: rows that agree with each other, widths within the dense ones, and
 linear MACs that match the widths counted by hand."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import near, quotient
+from helpers import near, quotient, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "reach.py"
@@ -34,11 +33,7 @@ def test_tiny_run_has_consistent_rows(tmp_path):
     args = ["--hidden", str(HIDDEN), "--layers", str(LAYERS), "--heads", str(HEADS), "--intermediate",
             str(INTERMEDIATE), "--seq", str(SEQ), "--image", str(IMAGE), "--patch", str(PATCH), "--sparsity", "0.5",
             "--batch", "1,2", "--warmup", "0", "--runs", "2", "--out", str(out)]
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = out.with_suffix(".txt").read_text()
-    data = json.loads(out.with_suffix(".json").read_text())
+    text, data = run_benchmark(SCRIPT, args, out)
     lines = text.splitlines()
     assert lines[0].startswith("$ python ") and "--heads 4" in lines[0] and data["command"] == lines[0][2:]
     assert any(line.startswith("load average (1 min) before each model's measurements: bert ") for line in lines)

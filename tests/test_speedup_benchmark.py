@@ -1,6 +1,5 @@
 """benchmarks/speedup.py with tiny settings: a row per model, columns that agree with each other and with torch."""
 
-import json
 import re
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import near, quotient
+from helpers import near, quotient, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speedup.py"
@@ -41,11 +40,7 @@ def test_tiny_run_has_consistent_rows_for_every_model(tmp_path):
     # one thread: on a busy machine two threads wait for each other
     args = ["--sparsity", "0.5", "--multiple", "8", "--batch", "1,2", "--threads", "1", "--warmup", "0",
             "--runs", "2", "--width", "8", "--out", str(out)]
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = out.with_suffix(".txt").read_text()
-    data = json.loads(out.with_suffix(".json").read_text())
+    text, data = run_benchmark(SCRIPT, args, out)
     lines = text.splitlines()
     assert lines[0].startswith("$ python ") and "--width 8" in lines[0] and data["command"] == lines[0][2:]
     assert list(data["models"]) == MODELS

@@ -556,15 +556,9 @@ class _Analysis:
         elif t in _TRANSPOSES:
             return self.transpose(node)
         elif t is aten.unsqueeze.default:
-            layout = self.layouts[node.args[0]]
-            at = node.args[1] % _val(node).dim()
-            return _Layout(layout.dim + (at <= layout.dim), layout.segments)
+            return self.unsqueeze(node)
         elif t is aten.expand.default:
-            layout = self.layouts[node.args[0]]
-            before, after = _val(node.args[0]).shape, _val(node).shape
-            d = layout.dim + len(after) - len(before)
-            if after[d] == before[layout.dim]:
-                return _Layout(d, layout.segments)          # new or broadcast dimensions, not the channels
+            return self.expand(node)
         elif t is aten.slice.Tensor and _arg(node, 1, "dim", 0) % _val(node.args[0]).dim() != \
                 self.layouts[node.args[0]].dim:
             return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
@@ -692,6 +686,18 @@ class _Analysis:
         else:
             order = [d % rank for d in node.args[1]]
         return _Layout(order.index(layout.dim), layout.segments)
+
+    def unsqueeze(self, node: fx.Node) -> _Layout:
+        layout = self.layouts[node.args[0]]
+        at = node.args[1] % _val(node).dim()
+        return _Layout(layout.dim + (at <= layout.dim), layout.segments)
+
+    def expand(self, node: fx.Node) -> _Layout | None:
+        """New or broadcast dimensions, not the channels: the layout moves by the new leading dimensions."""
+        layout = self.layouts[node.args[0]]
+        before, after = _val(node.args[0]).shape, _val(node).shape
+        d = layout.dim + len(after) - len(before)
+        return _Layout(d, layout.segments) if after[d] == before[layout.dim] else self.unknown(node)
 
     def attention(self, node: fx.Node) -> _Layout | None:
         """scaled_dot_product_attention: the heads of query, key and value line up, and the output's
