@@ -1,33 +1,40 @@
-"""Heads and MLP channels that channel pruning removes from HF BERT and ViT, the FLOPs and onnxruntime speed
-reached, next to Torch-Pruning's head pruning on the same models.
+"""Heads, MLP channels and residual-stream channels that channel pruning removes from HF BERT and ViT, the
+FLOPs and onnxruntime speed reached, next to Torch-Pruning's head pruning on the same models.
 
     python benchmarks/reach.py              # writes benchmarks/results/reach.txt and reach.json
     python benchmarks/reach.py --models vit --hidden 64 --layers 2 --intermediate 128 --runs 5 --out /tmp/reach
 
 The models (``--models``, default both), random weights, no download:
 
-- bert: transformers' BertModel from a BertConfig (vocabulary 1000, ``--seq`` tokens, pooler kept);
-- vit: transformers' ViTModel from a ViTConfig (``--image`` square images, ``--patch`` patches, pooler kept);
+- bert: transformers' BertForSequenceClassification from a BertConfig (vocabulary 1000, ``--seq`` tokens,
+  10 labels);
+- vit: transformers' ViTForImageClassification from a ViTConfig (``--image`` square images, ``--patch``
+  patches, 10 labels);
 
 both with ``--hidden`` 256, ``--layers`` 4, ``--heads`` 4 (of 64 channels) and ``--intermediate`` 1024, and
-scaled_dot_product_attention (HF's "sdpa").
+scaled_dot_product_attention (HF's "sdpa"). The classification heads make the models' outputs the logits,
+so the residual stream is free to narrow.
 
-At each channel sparsity (``--sparsity``) four pruned models are made from the same dense one, one-shot on
+At each channel sparsity (``--sparsity``) five pruned models are made from the same dense one, one-shot on
 the untrained weights (magnitude ranking: the speed depends on the widths that result, not on the values):
 
-- granet: granet_fx channel GraNet (method gmp, one controller step, global L2 ranking with the default
-  channel_floor), which prunes attention heads as a unit and MLP hidden channels, then granet_fx.compact.
-  The residual stream (behind LayerNorm) stays;
-- granet-mlp: the same with the attention modules excluded (``exclude=("*attention*",)``): their heads stay
-  whole and the sparsity is spent on the MLP hidden channels only, to show what pruning heads adds. The
-  controller counts output rows (a head costs its rows of q, k and v), so at one sparsity both variants take
-  about the same share of the MLP channels and granet takes heads on top;
+- granet: granet_fx channel GraNet (method gmp, one controller step, ``scope="layer"``: every channel group
+  at the sparsity, as Torch-Pruning's per-layer ratios), which prunes attention heads as a unit, MLP hidden
+  channels and the residual stream (embeddings, class token, position embeddings, every projection writing
+  or reading it, its LayerNorms, which take their statistics over the kept channels), then
+  granet_fx.compact;
+- granet-keep-residual: the same with the first reader of the stream outside the blocks excluded (BERT's
+  pooler, ViT's classifier), which keeps the stream whole;
+- granet-mlp: the same with the attention modules excluded too (``exclude=("*attention*", ...)``): the
+  heads stay whole and only the MLP hidden channels go, to show what pruning heads adds;
 - tp: Torch-Pruning 1.6 MetaPruner, MagnitudeImportance(p=2), per-layer ratios (global_pruning=False),
   num_heads on the q, k, v projections, prune_num_heads=True, prune_head_dims=False,
-  head_pruning_ratio = pruning_ratio = the sparsity, the pooler ignored. It also prunes the residual stream
-  (embeddings, LayerNorms, every projection's input): the model's hidden-state output gets narrower;
+  head_pruning_ratio = pruning_ratio = the sparsity, the classifier ignored. It also prunes the residual
+  stream (embeddings, LayerNorms, every projection's input), recomputing each LayerNorm over the channels
+  left (not exact: its statistics change);
 - tp-keep-residual: the same with the layers that write the residual stream ignored (every linear or conv
-  layer with hidden-size outputs other than q, k, v), so that, like granet, it keeps the residual stream.
+  layer with hidden-size outputs other than q, k, v), so that, like granet-keep-residual, it keeps the
+  residual stream.
 
 The dense model, a second export of it (dense-copy: the control, whose speedup shows how far the timings
 wander on a busy machine) and all pruned ones are exported to ONNX the way granet-export writes them
@@ -60,7 +67,8 @@ from common import choices, command, write_outputs
 from speedup import export
 
 MODELS = ("bert", "vit")
-VARIANTS = ("granet", "granet-mlp", "tp", "tp-keep-residual")
+VARIANTS = ("granet", "granet-keep-residual", "granet-mlp", "tp", "tp-keep-residual")
+STREAM_READER = {"bert": "*pooler*", "vit": "classifier"}   # excluded: the stream stays whole
 VOCAB = 1000
 CONTROL_TOLERANCE = 0.1      # a NOTE where the dense copy's speedup is further than this from 1
 # per-layer parameter names: the query projection and the MLP's first layer (BERT, then ViT)
@@ -80,27 +88,31 @@ def build(name: str, args: argparse.Namespace) -> tuple[str, torch.nn.Module, to
     shape = (f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads of {args.hidden // args.heads}, "
              f"intermediate {args.intermediate}")
     if name == "bert":
-        config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=args.seq, **sizes)
+        config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=args.seq, num_labels=10, **sizes)
         x = torch.randint(0, VOCAB, (1, args.seq))
-        return (f"BERT (transformers BertModel, {shape}, {args.seq} tokens, vocabulary {VOCAB})",
-                transformers.BertModel(config).eval(), x)
-    config = transformers.ViTConfig(image_size=args.image, patch_size=args.patch, **sizes)
+        return (f"BERT (transformers BertForSequenceClassification, {shape}, {args.seq} tokens, vocabulary "
+                f"{VOCAB}, 10 labels)", transformers.BertForSequenceClassification(config).eval(), x)
+    config = transformers.ViTConfig(image_size=args.image, patch_size=args.patch, num_labels=10, **sizes)
     x = torch.randn(1, 3, args.image, args.image)
     tokens = (args.image // args.patch) ** 2 + 1
-    return (f"ViT (transformers ViTModel, {shape}, {args.image}x{args.image} images, patch {args.patch}: "
-            f"{tokens} tokens)", transformers.ViTModel(config).eval(), x)
+    return (f"ViT (transformers ViTForImageClassification, {shape}, {args.image}x{args.image} images, patch "
+            f"{args.patch}: {tokens} tokens, 10 labels)", transformers.ViTForImageClassification(config).eval(), x)
 
 
 def widths(model: torch.nn.Module, head_size: int) -> dict:
-    """Heads and MLP hidden channels in each layer, and the residual width (the query projection's inputs)."""
-    heads, mlp, hidden = {}, {}, None
+    """Heads and MLP hidden channels in each layer, the residual width (the query projection's inputs) and
+    BERT's pooler width (None for ViT, which has none)."""
+    heads, mlp, hidden, pooler = {}, {}, None, None
     for name, p in model.named_parameters():
         if (m := QUERY.search(name)) is not None:
             heads[int(m[1])] = p.shape[0] // head_size
             hidden = p.shape[1] if hidden is None else hidden
         elif (m := MLP_UP.search(name)) is not None:
             mlp[int(m[1])] = p.shape[0]
-    return {"heads": [heads[i] for i in sorted(heads)], "mlp": [mlp[i] for i in sorted(mlp)], "hidden": hidden}
+        elif name.endswith("pooler.dense.weight"):
+            pooler = p.shape[0]
+    return {"heads": [heads[i] for i in sorted(heads)], "mlp": [mlp[i] for i in sorted(mlp)], "hidden": hidden,
+            "pooler": pooler}
 
 
 def linear_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -125,7 +137,7 @@ def prune_granet(model: torch.nn.Module, sparsity: float, x: torch.Tensor,
                  exclude: tuple[str, ...]) -> torch.nn.Module:
     """``model`` with ``sparsity`` of its removable channels masked by one controller step, then compacted."""
     config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=sparsity, total_steps=1,
-                             prune_end=1, update_every=1, exclude=exclude)
+                             prune_end=1, update_every=1, exclude=exclude, scope="layer")
     with warnings.catch_warnings():   # the warning that lists the excluded layers: excluded on purpose
         warnings.filterwarnings("ignore", message=r"(?s).*excluded by")
         model = gf.sparsify(model, config, example_inputs=(x,))
@@ -145,12 +157,12 @@ def prune_torch_pruning(model: torch.nn.Module, sparsity: float, x: torch.Tensor
         if projections:
             attentions.append(m)
             num_heads.update({p: m.num_attention_heads for p in projections})
-    ignored = [model.pooler]
+    ignored = [model.classifier]
     if keep_residual:   # the layers that write the residual stream: no group is rooted at them
         ignored += [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                     and m not in num_heads and m.weight.shape[0] == hidden]
     # ViT's class token and position embeddings: parameters outside a layer, along the residual channels
-    unwrapped = [(p, p.ndim - 1) for p in model.embeddings.parameters(recurse=False)]
+    unwrapped = [(p, p.ndim - 1) for p in model.base_model.embeddings.parameters(recurse=False)]
     pruner = tp.pruner.MetaPruner(model, (x,), importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=sparsity, global_pruning=False, num_heads=num_heads,
                                   prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=sparsity,
@@ -164,12 +176,15 @@ def prune_torch_pruning(model: torch.nn.Module, sparsity: float, x: torch.Tensor
     return model.eval()
 
 
-def prune(variant: str, dense: torch.nn.Module, sparsity: float, x: torch.Tensor, hidden: int) -> torch.nn.Module:
+def prune(name: str, variant: str, dense: torch.nn.Module, sparsity: float, x: torch.Tensor,
+          hidden: int) -> torch.nn.Module:
     model = copy.deepcopy(dense)
     if variant == "granet":
         return prune_granet(model, sparsity, x, ())
+    if variant == "granet-keep-residual":
+        return prune_granet(model, sparsity, x, (STREAM_READER[name],))
     if variant == "granet-mlp":
-        return prune_granet(model, sparsity, x, ("*attention*",))
+        return prune_granet(model, sparsity, x, ("*attention*", STREAM_READER[name]))
     return prune_torch_pruning(model, sparsity, x, variant == "tp-keep-residual", hidden)
 
 
@@ -178,16 +193,16 @@ def pruned_files(name: str, dense: torch.nn.Module, x: torch.Tensor, args: argpa
     """Every variant at every sparsity pruned and exported to ``folder``, after a second export of the dense
     model (the control: measured like the pruned ones, its speedup shows how much the timings wander).
 
-    One dict per file: sparsity, variant, widths, linear MACs, hidden-state output width, ONNX path.
+    One dict per file: sparsity, variant, widths, linear MACs, ONNX path.
     """
     head_size = args.hidden // args.heads
     dense_macs = linear_macs(dense, x)
     files = [{"sparsity": 0.0, "variant": "dense-copy", **widths(dense, head_size), "linear_macs": dense_macs,
-              "output_width": args.hidden, "path": os.path.join(folder, f"{name}_dense_copy.onnx")}]
+              "path": os.path.join(folder, f"{name}_dense_copy.onnx")}]
     export(dense, x, files[0]["path"])
     for sparsity in args.sparsity:
         for variant in VARIANTS:
-            model = prune(variant, dense, sparsity, x, args.hidden)
+            model = prune(name, variant, dense, sparsity, x, args.hidden)
             entry = {"sparsity": sparsity, "variant": variant, **widths(model, head_size)}
             if variant.startswith("granet"):
                 report = gf.compaction_report(model)
@@ -198,8 +213,6 @@ def pruned_files(name: str, dense: torch.nn.Module, x: torch.Tensor, args: argpa
                                  f"dense model, the forward hooks {dense_macs:,}")
             else:
                 entry["linear_macs"] = linear_macs(model, x)
-            with torch.no_grad():
-                entry["output_width"] = model(x).last_hidden_state.shape[-1]
             entry["path"] = os.path.join(folder, f"{name}_{variant}_{sparsity}.onnx")
             export(model, x, entry["path"])
             files.append(entry)
@@ -281,7 +294,8 @@ def main() -> None:
                 if i:
                     details += ["", f"{name}, sparsity {e['sparsity']}, {e['variant']}: heads {e['heads']} of "
                                 f"{args.heads}, MLP channels {e['mlp']} of {args.intermediate}, residual width "
-                                f"{e['hidden']} of {args.hidden} (hidden-state output width {e['output_width']}); "
+                                f"{e['hidden']} of {args.hidden}"
+                                + (f", pooler {e['pooler']} of {args.hidden}" if e["pooler"] else "") + "; "
                                 f"linear MACs {dense_macs:,} -> {e['linear_macs']:,}"]
                     details += [e["compaction"]] if "compaction" in e else []
             results["models"][name] = {"description": description, "control": files[0], "pruned": files[1:],
@@ -297,12 +311,13 @@ def main() -> None:
               + f" on {os.cpu_count()} logical CPUs (other work on the machine slows dense and pruned alike: "
               "compare the ratios)", ""]
     lines += columns(rows)
-    lines += ["", "granet = granet_fx channel pruning (heads as a unit, MLP channels; the residual stream stays), "
-              "granet-mlp = the same with the attention modules excluded (heads whole, the sparsity spent on the MLP "
-              "channels), tp = Torch-Pruning 1.6 with whole-head pruning, which also prunes the residual stream "
-              "(embeddings, LayerNorms: the hidden-state output narrows), tp-keep-residual = Torch-Pruning with the "
-              "residual writers ignored, dense-copy = a second export of the dense model, measured like the pruned "
-              "ones (its speedup shows how much the timings wander)",
+    lines += ["", "granet = granet_fx channel pruning per group (heads as a unit, MLP channels and the residual "
+              "stream, its LayerNorms over the kept channels), granet-keep-residual = the same with the stream kept "
+              "whole, granet-mlp = the same with the attention modules excluded too (heads whole), tp = Torch-Pruning "
+              "1.6 with whole-head pruning, which also prunes the residual stream (embeddings, LayerNorms recomputed "
+              "over the channels left), tp-keep-residual = Torch-Pruning with the residual writers ignored, "
+              "dense-copy = a second export of the dense model, measured like the pruned ones (its speedup shows how "
+              "much the timings wander)",
               f"heads kept / MLP kept: per layer, of {args.heads} heads and {args.intermediate} channels; hidden = "
               "residual width; linear MACs ratio = dense / pruned conv and linear multiply-accumulates (forward "
               "hooks for the dense and Torch-Pruning models, granet_fx's CompactionReport for granet's); FLOPs "

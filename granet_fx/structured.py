@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from .criteria import (
     channel_norms, drop_smallest, grow_largest, nm_keep_largest, nm_refill, prune_channels, round_kept,
 )
 from .passes.channel_groups import ChannelGroup, channel_groups, named_tensors
+from .passes.layer_norms import mask_layer_norms
 
 
 def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator: torch.Generator) -> None:
@@ -56,7 +58,8 @@ def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator
                 "granularity='channel' needs example_inputs: the channels that must be pruned together "
                 "are found by capturing the model on them"
             )
-        info.channel_groups = channel_groups(model, example_inputs)
+        info.channel_groups = _mask_layer_norms(model, channel_groups(model, example_inputs),
+                                                {l.name for l in info.masked})
     masks = structured_masks(model, info)
     if isinstance(masks, ChannelMasks) and not masks.groups:
         reasons = Counter(g.pinned[0] for g in info.channel_groups if g.pinned)
@@ -65,6 +68,25 @@ def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator
                       f"stays dense; the channels stay because: {why}", stacklevel=3)
     if masks is not None:
         masks.initialize(config.start_sparsity, generator)
+
+
+def _removable(group: ChannelGroup, masked: set[str], norms: bool = True) -> bool:
+    """Whether channel pruning can take channels from ``group``: not pinned, made and read by layers
+    whose columns are masked, and (``norms``) normalised only by layer norms that ignore what they do not keep."""
+    return not group.pinned and bool(group.rows) and bool(group.columns) \
+        and all(c.weight in masked and c.mask for c in group.columns) \
+        and (not norms or all(m.mask for m in group.members if m.layer_norm))
+
+
+def _mask_layer_norms(model: nn.Module, groups: list[ChannelGroup], masked: set[str]) -> list[ChannelGroup]:
+    """``groups`` with the layer norms of the removable ones made ``masked_layer_norm`` (their ``keep``
+    buffer as the member's mask); a layer norm that cannot be (not in a traced graph) leaves its group whole."""
+    norms = {m.weight for g in groups if _removable(g, masked, norms=False) for m in g.members if m.layer_norm}
+    keeps = mask_layer_norms(model, norms) if norms else {}
+    for g in groups:
+        g.members = [replace(m, mask=keeps.get(m.weight)) if m.layer_norm and m.mask is None else m
+                     for m in g.members]
+    return groups
 
 
 def channel_multiple(value: int | str) -> int:
@@ -95,8 +117,7 @@ class ChannelMasks:
                  floor: float = 0.5):
         self.floor = floor
         self.masked = set(masked)
-        self.groups = [g for g in groups if not g.pinned and g.rows and g.columns
-                       and all(c.weight in self.masked and c.mask for c in g.columns)]
+        self.groups = [g for g in groups if _removable(g, self.masked)]
         self.costs = [sum(r.repeat for r in g.rows) for g in self.groups]   # rows per channel (a head has many)
         # ``multiple`` in each group's channels: a head 64 channels wide is already a multiple of 8 channels
         self.multiples = [multiple // math.gcd(multiple, g.rows[0].repeat) for g in self.groups]
@@ -122,12 +143,17 @@ class ChannelMasks:
 
     @torch.no_grad()
     def set(self, keeps: list[torch.Tensor]) -> None:
+        """Mask the columns of the channels not kept, and leave them out of the layer norms' statistics."""
         for g, positions, keep in zip(self.groups, self.positions, keeps):
             for c, idx in zip(g.columns, positions):
                 mask = self.tensors[c.mask]
                 value = keep.repeat_interleave(c.repeat).to(mask.device)
                 mask[:, idx.to(mask.device)] = value.view(1, -1, *[1] * (mask.dim() - 2)).expand(
                     mask.shape[0], -1, *mask.shape[2:])
+            for n in g.members:
+                if n.layer_norm:
+                    buffer = self.tensors[n.mask]
+                    buffer[n.indices(torch.arange(g.size)).to(buffer.device)] = keep.to(buffer.device)
 
     @torch.no_grad()
     def initialize(self, sparsity: float, generator: torch.Generator) -> None:

@@ -212,4 +212,5 @@ def test_channel_zoo_benchmark_runs_as_a_command(tmp_path):
 
     rows = {r["model"]: r for r in json.loads((tmp_path / "zoo.json").read_text())["rows"]}
     assert rows["bert"]["head_groups"] == 2 and rows["bert"]["heads"] == 8 and rows["bert"]["heads_kept"] < 8
+    assert rows["bert"]["normed_groups"] == 1 and rows["bert"]["normed"] == 32    # the residual stream, tied head
     assert rows["gpt2"]["removed"] == 0 and rows["gpt2"]["macs_ratio"] == 1.0   # nothing it can remove

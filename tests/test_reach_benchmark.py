@@ -12,19 +12,20 @@ from helpers import near, quotient, run_benchmark
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "reach.py"
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, SEQ, IMAGE, PATCH = 64, 2, 4, 128, 16, 16, 4
-VARIANTS = ["granet", "granet-mlp", "tp", "tp-keep-residual"]
+VARIANTS = ["granet", "granet-keep-residual", "granet-mlp", "tp", "tp-keep-residual"]
+LABELS = 10
 
 
-def macs_by_hand(model: str, heads: list[int], mlp: list[int], hidden: int) -> int:
+def macs_by_hand(model: str, heads: list[int], mlp: list[int], hidden: int, pooler: int | None) -> int:
     """Conv and linear multiply-accumulates of one sample, from the widths: per layer q, k, v and the output
-    projection (heads x head size against the residual width) and the two MLP layers; the pooler (one token,
-    its outputs stay at HIDDEN); ViT's patch embedding conv."""
+    projection (heads x head size against the residual width) and the two MLP layers; BERT's pooler and the
+    classifier (one token each); ViT's patch embedding conv."""
     d = HIDDEN // HEADS
     tokens = SEQ if model == "bert" else (IMAGE // PATCH) ** 2 + 1
-    total = sum(tokens * (4 * hidden * k * d + 2 * hidden * m) for k, m in zip(heads, mlp)) + hidden * HIDDEN
+    total = sum(tokens * (4 * hidden * k * d + 2 * hidden * m) for k, m in zip(heads, mlp))
     if model == "vit":
-        total += (tokens - 1) * hidden * 3 * PATCH * PATCH
-    return total
+        return total + (tokens - 1) * hidden * 3 * PATCH * PATCH + hidden * LABELS
+    return total + hidden * pooler + pooler * LABELS
 
 
 @pytest.mark.slow
@@ -40,7 +41,7 @@ def test_tiny_run_has_consistent_rows(tmp_path):
     assert len(data["load_before"]) == 2 and all(load >= 0 for load in data["load_before"])
 
     header = next(i for i, line in enumerate(lines) if line.startswith("model "))
-    rows = [line.split() for line in lines[header + 1:header + 21]]
+    rows = [line.split() for line in lines[header + 1:header + 25]]
     assert [tuple(r[:4]) for r in rows] == [
         (m, s, v, b) for m in ("bert", "vit") for s, v in [("0.00", "dense-copy")] + [("0.50", v) for v in VARIANTS]
         for b in ("1", "2")]
@@ -65,23 +66,27 @@ def test_tiny_run_has_consistent_rows(tmp_path):
             assert heads == [HEADS] * LAYERS, r              # the attention modules were excluded
         if variant.startswith("tp"):
             assert heads == [HEADS // 2] * LAYERS and mlp == [INTERMEDIATE // 2] * LAYERS, r   # half of each layer
-        # only Torch-Pruning's default run narrows the residual stream
-        assert (hidden < HIDDEN) == (variant == "tp"), r
-        # the MACs ratio against the widths it prints, counted by hand
-        ratio = macs_by_hand(model, [HEADS] * LAYERS, [INTERMEDIATE] * LAYERS, HIDDEN) / macs_by_hand(
-            model, heads, mlp, hidden)
-        assert near(macs, ratio, ratio), r
+        if variant.startswith("granet"):
+            assert mlp == [INTERMEDIATE // 2] * LAYERS, r      # scope="layer": half of each group
+            assert heads == [HEADS // (1 if variant == "granet-mlp" else 2)] * LAYERS, r
+        # the keep-residual runs keep the residual stream, the others narrow it by half
+        assert hidden == (HIDDEN // 2 if variant in ("granet", "tp") else HIDDEN), r
+    for name in ("bert", "vit"):
+        dense = macs_by_hand(name, [HEADS] * LAYERS, [INTERMEDIATE] * LAYERS, HIDDEN, HIDDEN)
+        for p, r in zip(data["models"][name]["pruned"], [r for r in rows if r[0] == name and r[3] == "1"][1:]):
+            # the MACs ratio against the widths, counted by hand
+            ratio = dense / macs_by_hand(name, p["heads"], p["mlp"], p["hidden"], p["pooler"])
+            assert near(r[7], ratio, ratio), r
 
     for name in ("bert", "vit"):
         entry = data["models"][name]
         assert entry["control"]["linear_macs"] == macs_by_hand(name, [HEADS] * LAYERS, [INTERMEDIATE] * LAYERS,
-                                                               HIDDEN)
+                                                               HIDDEN, HIDDEN)
         assert [(p["sparsity"], p["variant"]) for p in entry["pruned"]] == [(0.5, v) for v in VARIANTS]
         for p in entry["pruned"]:
-            assert p["linear_macs"] == macs_by_hand(name, p["heads"], p["mlp"], p["hidden"]), (name, p)
-            assert p["output_width"] == p["hidden"]
+            assert p["linear_macs"] == macs_by_hand(name, p["heads"], p["mlp"], p["hidden"], p["pooler"]), (name, p)
         bench = entry["bench"]
-        assert [m["role"] for m in bench["models"]] == ["model"] * 5 + ["baseline"]
+        assert [m["role"] for m in bench["models"]] == ["model"] * 6 + ["baseline"]
         for r in bench["results"]:
             dense_ms = r["latency"][-1]["median_ms"]
             for i, stats in enumerate(r["latency"][:-1]):
@@ -92,7 +97,7 @@ def test_tiny_run_has_consistent_rows(tmp_path):
             assert noted == (abs(r["speedup"][0] - 1) > 0.1), (name, r["batch"], r["speedup"][0])
     errors = [float(line.rsplit(" ", 1)[1]) for line in lines
               if line.startswith("max abs error vs the masked model on the example inputs:")]
-    assert len(errors) == 4 and all(e < 1e-4 for e in errors)     # granet and granet-mlp, both models
+    assert len(errors) == 6 and all(e < 1e-4 for e in errors)     # the granet variants, both models
 
 
 @pytest.mark.parametrize("args, message", [

@@ -39,7 +39,7 @@ _SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d{1,9}")
 _STRING = re.compile(r"'[a-z]{1,4}\d{1,9}'")
 
 # Node targets: ATen and prims operators by name, and a few Python functions on sizes.
-_OP_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+_OP_TARGET = re.compile(r"torch\.ops\.(aten|prims|granet_fx)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
 PYTHON_TARGETS = frozenset(
     [f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "pow",
                                 "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "abs", "invert")]
@@ -145,7 +145,8 @@ def check_expression(text: Any) -> None:
 
 
 def check_target(target: Any) -> None:
-    """Accept existing ATen/prims operators and the few Python functions on sizes that graphs call."""
+    """Accept existing ATen/prims operators, granet_fx's own (masked_layer_norm) and the few Python functions
+    on sizes that graphs call."""
     if not isinstance(target, str) or not (_OP_TARGET.fullmatch(target) or target in PYTHON_TARGETS):
         raise ProgramProblem(f"the graph calls {str(target)[:100]!r}, which is not a standard ATen operator")
     if _OP_TARGET.fullmatch(target) and not _op_exists(target):

@@ -15,10 +15,14 @@ two tensors) join them by an edge; each connected component is a
 
 Everything indexed by a group's channels is one of its ``Member``\\ s: the
 weight rows that produce them (conv/linear output channels, depthwise convs),
-the batch norms that normalize them, and the weight columns of the layers that
-read them. A space whose channels reach the model output, a grouped
-convolution, a layer norm, or any operation this pass does not follow, is
-*pinned*: its group's channels must all stay.
+the batch and layer norms that normalize them, the weight columns of the
+layers that read them, and the parameters added, multiplied or concatenated
+into them (embedding tables, class tokens, position embeddings, layer
+scales). An embedding lookup starts a space of its own. A space whose channels
+reach the model output, a grouped convolution, or any operation this pass does
+not follow, is *pinned*: its group's channels must all stay. A layer norm over
+the channels (the last dimension) is followed: ``sparsify`` makes it take its
+statistics over the kept channels only (``layer_norms``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..export.console import first_line
+from .layer_norms import masked_layer_norm
 from .trace import training_mode
 
 aten = torch.ops.aten
@@ -83,7 +88,10 @@ class Member:
 
     ``role`` is "row" (a conv/linear weight's output channels, dimension 0, with
     its bias and mask), "column" (the input channels of a layer that reads the
-    group, dimension 1) or "norm" (a batch norm's scale, shift and running stats).
+    group, dimension 1), "norm" (a batch norm's scale, shift and running stats;
+    a layer norm's scale and shift, with its ``keep`` buffer as ``mask`` once
+    ``sparsify`` has masked it) or "param" (a parameter or buffer indexed by the
+    channels along dimension ``axis``: it is only sliced).
     Channel i of the group is entries ``offset + i * repeat ... + repeat - 1``.
     """
 
@@ -99,10 +107,12 @@ class Member:
     padded: bool = False      # a column of a zero-padded conv: a constant input is not a constant contribution
     node: str = ""            # a column: the graph node whose values it reads
     node_dim: int = 1         # a column: the dimension of that node that holds the channels
+    layer_norm: bool = False  # a norm: a layer norm, whose statistics read every channel it keeps
+    axis: int = 0             # a param: the dimension that holds the channels
 
     @property
     def dim(self) -> int:
-        return 1 if self.role == "column" else 0
+        return 1 if self.role == "column" else self.axis
 
     def tensors(self) -> list[str]:
         return [t for t in (self.weight, self.bias, self.mask, self.mean, self.var) if t]
@@ -118,7 +128,7 @@ class Member:
         if self.role == "column":
             t = t.index_select(1, self.indices(torch.arange(size)).to(t.device)).movedim(1, 0)
         else:
-            t = t.narrow(0, self.offset, size * self.repeat)   # a head's rows are consecutive
+            t = t.movedim(self.dim, 0).narrow(0, self.offset, size * self.repeat)   # a head's rows are consecutive
         return t.reshape(size, -1)
 
 
@@ -224,6 +234,7 @@ _LAYER_FUNCTIONS = {
     torch.layer_norm: (aten.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")),
     torch.nn.functional.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
     torch.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")),
+    masked_layer_norm: (torch.ops.granet_fx.masked_layer_norm, ("input", "keep", "weight", "bias", "eps")),
     torch._C._nn.scaled_dot_product_attention: (
         aten.scaled_dot_product_attention,
         ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")),
@@ -535,6 +546,8 @@ class _Analysis:
             return self.linear(node)
         if t in _BATCH_NORMS:
             return self.batch_norm(node)
+        if t is aten.embedding.default:
+            return self.embedding(node)
         if t is operator.getitem:
             source = node.args[0]
             if isinstance(source, fx.Node) and source.target in _TUPLE_OUTPUTS and node.args[1] == 0:
@@ -562,6 +575,10 @@ class _Analysis:
         elif t is aten.slice.Tensor and _arg(node, 1, "dim", 0) % _val(node.args[0]).dim() != \
                 self.layouts[node.args[0]].dim:
             return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
+        elif t is aten.select.int:
+            return self.select(node)
+        elif t in (aten.layer_norm.default, masked_layer_norm):
+            return self.layer_norm(node)
         elif t is aten.scaled_dot_product_attention.default:
             return self.attention(node)
         elif t in _REDUCTIONS:
@@ -639,6 +656,56 @@ class _Analysis:
         weight, bias, mean, var = (n[0] if n else None for n in names)
         self.add_member(Member("norm", weight, bias, mean=mean, var=var), layout)
         return layout
+
+    def layer_norm(self, node: fx.Node) -> _Layout | None:
+        """A layer norm over the last dimension, the channels: its scale and shift are members (and its
+        ``keep`` buffer, for ``masked_layer_norm``); the output has the input's channels."""
+        layout = self.layouts.get(node.args[0])
+        if node.target is masked_layer_norm:
+            keep, weight, bias = (_arg(node, i, n) for i, n in ((1, "keep"), (2, "weight"), (3, "bias")))
+            shape = [_val(node).shape[-1]]
+        else:
+            shape, weight, bias, keep = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), \
+                _arg(node, 3, "bias"), None
+        names = [_weight_of(t) if t is not None else None for t in (weight, bias, keep)]
+        if layout is None or layout.dim != _val(node).dim() - 1 or len(shape) != 1 or weight is None \
+                or any(t is not None and n is None for t, n in zip((weight, bias, keep), names)) \
+                or any(s.repeat != 1 or s.unit != 1 for s in layout.segments):
+            return self.unknown(node)
+        weight, bias, keep = (n[0] if n else None for n in names)
+        self.add_member(Member("norm", weight, bias, mask=keep, layer_norm=True), layout)
+        return layout
+
+    def embedding(self, node: fx.Node) -> _Layout | None:
+        """An embedding lookup: a space of its own, the table's columns (dimension 1)."""
+        table = _weight_of(node.args[0])
+        if table is None or _val(node.args[0]).dim() != 2:
+            return self.unknown(node)
+        out = self.new_space(f"{table[0]} (embedding)", _val(node.args[0]).shape[1], _val(node).dim() - 1)
+        self.add_member(Member("param", table[0], axis=1), out)
+        return out
+
+    def parameter(self, node: fx.Node, layout: _Layout, axis: int) -> bool:
+        """Whether ``node`` is a parameter or buffer (or a broadcast or copy of one) with ``layout``'s channels
+        along ``axis``; if so it becomes a member of them."""
+        while node.op == "call_function" and (node.target in _CHANNELWISE or node.target is aten.expand.default):
+            before, after = _val(node.args[0]).shape, _val(node).shape
+            axis -= len(after) - len(before)
+            if axis < 0 or before[axis] != after[axis + len(after) - len(before)]:
+                return False
+            node = node.args[0]
+        width = sum(s.size * s.repeat for s in layout.segments)
+        if node.op != "get_attr" or not 0 <= axis < _val(node).dim() or _val(node).shape[axis] != width \
+                or any(s.repeat != 1 or s.unit != 1 for s in layout.segments):
+            return False
+        self.add_member(Member("param", node.target, axis=axis), layout)
+        return True
+
+    def select(self, node: fx.Node) -> _Layout | None:
+        """One position along another dimension (a class token): the channels stay."""
+        layout = self.layouts[node.args[0]]
+        d = _arg(node, 1, "dim") % _val(node.args[0]).dim()
+        return self.unknown(node) if d == layout.dim else _Layout(layout.dim - (d < layout.dim), layout.segments)
 
     # Shapes ---------------------------------------------------------------------
     def reshape(self, node: fx.Node) -> _Layout | None:
@@ -737,9 +804,14 @@ class _Analysis:
         return _Layout(layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in dims), layout.segments)
 
     def cat(self, node: fx.Node) -> _Layout | None:
-        tensors = node.args[0]
-        layouts = [self.layouts.get(t) for t in tensors]
         dim = _arg(node, 1, "dim", 0) % _val(node).dim()
+        known = [(t, self.layouts.get(t)) for t in node.args[0]]
+        known = [(t, l) for t, l in known if l is not None]
+        first = known[0][1]
+        # a parameter along the channels, concatenated along another dimension (a class token)
+        tensors = [t for t in node.args[0] if self.layouts.get(t) is not None
+                   or first.dim == dim or not self.parameter(t, first, first.dim)]
+        layouts = [self.layouts.get(t) for t in tensors]
         if any(l is None for l in layouts) or len({l.dim for l in layouts}) != 1:
             return self.unknown(node)
         if layouts[0].dim == dim:
@@ -770,7 +842,7 @@ class _Analysis:
             if _is_tensor(arg) and self.layouts.get(arg) is None:
                 v = _val(arg)
                 position = result.dim - (out_rank - v.dim())
-                if 0 <= position < v.dim() and v.shape[position] != 1:
+                if 0 <= position < v.dim() and v.shape[position] != 1 and not self.parameter(arg, result, position):
                     return self.unknown(node, "meets channels of unknown origin in")
         return result
 

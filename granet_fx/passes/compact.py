@@ -14,6 +14,12 @@ copy of a model for inference. It removes a channel of a ``ChannelGroup``
   convolutions, or when the constant is zero; a zero-padded convolution sees
   the constant only inside the image, so such a channel is kept.
 
+A channel that a layer norm reads is neither: ``sparsify`` gives the layer
+norms of a prunable group a ``keep`` buffer (``layer_norms``), and a channel
+goes only where every one of them leaves it out; after the cut they are plain
+layer norms over the channels left. A group normalised by a plain layer norm
+keeps its channels.
+
 Channels of pinned groups (reaching the model output, or an operation the
 analysis does not follow) and one channel of every group are always kept.
 What is removed is sliced out of every tensor indexed by it: weight rows and
@@ -37,6 +43,7 @@ from torch.utils import _pytree as pytree
 from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
 from .channel_groups import Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors
+from .layer_norms import unmask_layer_norms
 from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
@@ -120,6 +127,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
             _fold_constant(new, tensors, column, channel, constants, added)
         _slice(new, removals, added)
     _fix_sizes(new, removals)
+    unmask_layer_norms(new)
 
     try:
         outputs = _run(new, inputs)
@@ -153,14 +161,22 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     for c in group.columns:
         unread &= ~_nonzero(c, tensors[c.weight].detach(), group.size)
     dead = zero_rows | unread
-    if group.pinned:
+    pinned = group.pinned or [f"a layer norm takes its statistics over all of them ({m.weight})"
+                              for m in group.members if m.layer_norm and m.mask is None][:1]
+    if pinned:
         if dead.any():
-            kept[f"the group is pinned: {group.pinned[0]}"] += int(dead.sum())
+            kept[f"the group is pinned: {pinned[0]}"] += int(dead.sum())
         return torch.zeros(0, dtype=torch.long), []
+    # a masked layer norm reads the channels it keeps for its statistics: they are neither unread nor constant
+    normalised = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.members:
+        if m.layer_norm:
+            normalised |= tensors[m.mask].detach()[m.indices(torch.arange(group.size))].cpu()
+    unread &= ~normalised
 
     remove = unread.clone()
     folds = []
-    for i in (zero_rows & ~unread).nonzero().squeeze(1).tolist():
+    for i in (zero_rows & ~unread & ~normalised).nonzero().squeeze(1).tolist():
         plan, reason = [], ""
         for c in group.columns:
             constants = _constants(values.get(c.node), c, i)
@@ -316,15 +332,20 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
             names = [m.weight] if m.role == "column" else m.tensors() + [added.get(m.weight)] * (m.role == "row")
             for name in filter(None, names):
                 drop.setdefault((name, m.dim), set()).update(m.indices(channels).tolist())
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}   # a tied tensor is cut once, under all its names
+    for module in model.modules():
+        for leaf, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                holders.setdefault(id(t), []).append((module, leaf))
     for (name, dim), gone in drop.items():
         module, leaf = _owner(model, name)
         old = getattr(module, leaf)
         keep = torch.tensor([i for i in range(old.shape[dim]) if i not in gone], dtype=torch.long)
         new = old.detach().index_select(dim, keep.to(old.device))   # a new tensor: shares nothing with old
         if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
-        else:
-            module._buffers[leaf] = new
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        for module, leaf in holders.get(id(old), [(module, leaf)]):
+            (module._parameters if leaf in module._parameters else module._buffers)[leaf] = new
 
 
 def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
@@ -353,6 +374,8 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
             m.out_features, m.in_features = m.weight.shape
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None and len(m.normalized_shape) == 1:
+            m.normalized_shape = tuple(m.weight.shape)
 
 
 def _max_abs_error(expected: Any, actual: Any) -> float:
