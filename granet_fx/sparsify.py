@@ -17,6 +17,7 @@ from .config import GraNetConfig
 from .criteria import apportion, layer_densities, random_mask
 from .passes.insert_masks import add_mask_hooks, insert_masks
 from .passes.ops import VIEW_OPS, WEIGHT_MODULES, WeightFinder, op_name, run_finder, weight_uses
+from .passes.layer_norms import recognise_rms_norms
 from .passes.trace import Piece, trace_pieces, training_mode
 from .structured import init_structured_masks
 
@@ -180,6 +181,8 @@ def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_in
     macs = count_macs(model, example_inputs) if example_inputs is not None else {}
     reference = _run(model, example_inputs) if example_inputs is not None else None
 
+    if config.granularity == "channel":
+        recognise_rms_norms(model)     # RMS norms as one call each, which channel analysis can follow
     new, pieces = trace_pieces(model, keep=_keep_predicate(model, keep_modules))
     if reference is not None:
         _check_same_outputs(reference, _run(new, example_inputs))

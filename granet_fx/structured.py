@@ -46,7 +46,7 @@ from .criteria import (
     channel_norms, drop_smallest, grow_largest, nm_keep_largest, nm_refill, prune_channels, round_kept,
 )
 from .passes.channel_groups import ChannelGroup, channel_groups, named_tensors
-from .passes.layer_norms import mask_layer_norms
+from .passes.layer_norms import mask_layer_norms, restore_norms
 
 
 def init_structured_masks(model: nn.Module, info, example_inputs: Any, generator: torch.Generator) -> None:
@@ -86,6 +86,10 @@ def _mask_layer_norms(model: nn.Module, groups: list[ChannelGroup], masked: set[
     for g in groups:
         g.members = [replace(m, mask=keeps.get(m.weight)) if m.layer_norm and m.mask is None else m
                      for m in g.members]
+    restore_norms(model, norms)    # the RMS norms that sparsify made masked (recognise_rms_norms) and no group needs
+    for g in groups:
+        if not _removable(g, masked):
+            g.members = [replace(m, mask=None) if m.layer_norm and m.weight not in norms else m for m in g.members]
     return groups
 
 

@@ -248,3 +248,53 @@ def test_granet_export_without_compaction_runs_the_masked_layer_norms(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), by_hand(gf.fold(sparse), x,
                                                                   sparse.get_buffer("head.weight_mask")[0]))
+
+
+def tiny_decoder(name):
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                    intermediate_size=64, use_cache=False)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval(), torch.randint(0, 64, (2, 8))
+
+
+def test_llama_rms_norms_take_the_stream_and_compact_exactly():
+    pytest.importorskip("transformers")
+    from granet_fx.passes.layer_norms import MaskedRMSNorm
+
+    torch.manual_seed(0)
+    model, x = tiny_decoder("Llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = _pruned(model, x, scope="layer")
+    kept = sparse.get_buffer("model.norm.channel_keep")
+    assert int(kept.sum()) == 16
+    assert torch.equal(sparse.get_buffer("model.layers.1.input_layernorm.channel_keep"), kept)
+    # the stream's RMS norms take their mean square over the kept channels, by hand on the final norm
+    norm = sparse.get_submodule("model.norm")
+    assert isinstance(norm, MaskedRMSNorm)
+    h = torch.randn(2, 8, 32)
+    k = kept.nonzero().squeeze(1)
+    want = norm.weight[k] * h[..., k] * torch.rsqrt(h[..., k].pow(2).mean(-1, keepdim=True) + norm.rms_eps)
+    torch.testing.assert_close(norm(h)[..., k], want)
+    small = gf.compact(sparse, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x).logits, sparse(x).logits, atol=1e-5, rtol=1e-5)
+    assert small.get_parameter("model.embed_tokens.weight").shape == (64, 16)
+    assert small.get_parameter("model.norm.weight").shape == (16,)
+    assert not any(isinstance(m, MaskedRMSNorm) for m in small.modules())
+
+
+def test_rms_norms_of_another_form_stay_as_they_are():
+    """Gemma's RMS norm scales by 1 + weight: not the form granet_fx masks, so its stream stays whole."""
+    pytest.importorskip("transformers")
+    from granet_fx.passes.layer_norms import MaskedRMSNorm
+
+    torch.manual_seed(0)
+    model, x = tiny_decoder("Gemma")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = _pruned(model, x, scope="layer")
+    assert not any(isinstance(m, MaskedRMSNorm) for m in sparse.modules())
+    assert gf.compact(sparse, x).get_parameter("model.embed_tokens.weight").shape == (64, 32)

@@ -67,3 +67,41 @@ def test_whole_chain(name, backend, tmp_path):
     assert result.passed, (f"{name} fails at {result.failed} (after {result.reached or 'nothing'}): "
                            f"{result.reason}; {result.dense}")
     assert result.reached == STAGES[-1]
+
+
+# channel pruning through the command line: models that each needed a fix (GQA's repeat_kv sizes, OPT's
+# flattening reshape and SegFormer's reshape back, written as numbers in the exported graph; EfficientNet's
+# depthwise convolutions with padding="same"), every model of the zoo with -m slow
+CHANNEL_DEFAULT = ("llama", "opt", "efficientnet")
+CHANNEL_CASES = [pytest.param(n, id=n, marks=() if n in CHANNEL_DEFAULT else pytest.mark.slow) for n in ZOO]
+
+
+@pytest.mark.parametrize("name", CHANNEL_CASES)
+def test_channel_pruned_model_compacts_through_granet_export(name, tmp_path):
+    """Channel GraNet (half of every group), gf.save, then ``granet-export --compact`` in a fresh interpreter:
+    it compacts, checks onnxruntime against the masked model, and removes channels where compacting the
+    model in this process does."""
+    import re
+    import subprocess
+    import sys
+    import warnings
+
+    import granet_fx as gf
+
+    spec = ZOO[name]
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    inputs = spec.inputs(torch.Generator().manual_seed(1))
+    config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=0.5, total_steps=1, prune_end=1,
+                             update_every=1, scope="layer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = gf.sparsify(model, config, example_inputs=inputs)
+        gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+        removed_here = gf.compaction_report(gf.compact(sparse, inputs)).removed
+        gf.save(sparse, tmp_path / "model.pt", example_inputs=inputs)
+    run = subprocess.run([sys.executable, "-m", "granet_fx.export.cli", str(tmp_path / "model.pt"), "-o",
+                          str(tmp_path / "model.onnx"), "--compact"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    removed = int(re.search(r"compaction: removed (\d+) of", run.stdout + run.stderr)[1])
+    assert (removed > 0) == (removed_here > 0), (removed, removed_here)

@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..export.console import first_line
-from .layer_norms import masked_layer_norm
+from .layer_norms import masked_layer_norm, masked_rms_norm
 from .trace import training_mode
 
 aten = torch.ops.aten
@@ -235,6 +235,7 @@ _LAYER_FUNCTIONS = {
     torch.nn.functional.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
     torch.group_norm: (aten.group_norm, ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")),
     masked_layer_norm: (torch.ops.granet_fx.masked_layer_norm, ("input", "keep", "weight", "bias", "eps")),
+    masked_rms_norm: (torch.ops.granet_fx.masked_rms_norm, ("input", "keep", "weight", "eps")),
     torch._C._nn.scaled_dot_product_attention: (
         aten.scaled_dot_product_attention,
         ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")),
@@ -420,9 +421,13 @@ def capture(model: nn.Module, example_inputs: tuple, values: bool = False) -> Ca
     return Capture(recorder.graph, outputs, recorder.values if values else {})
 
 
-def find_groups(gm: fx.GraphModule | Capture) -> list[ChannelGroup]:
-    """The channel groups of a captured or exported graph (see ``capture``, ``export_graph``)."""
-    return _Analysis(gm).run()
+def find_groups(gm: fx.GraphModule | Capture, literal: bool = False) -> list[ChannelGroup]:
+    """The channel groups of a captured or exported graph (see ``capture``, ``export_graph``).
+
+    ``literal``: the graph is the model's code (an ExportedProgram's module), so every size written in a
+    view or expand is a number the compacted model keeps, where the model's own code would compute it again.
+    """
+    return _Analysis(gm, literal).run()
 
 
 def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
@@ -486,8 +491,9 @@ def _is_tensor(node: Any) -> bool:
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule | Capture):
+    def __init__(self, gm: fx.GraphModule | Capture, literal: bool = False):
         self.gm = gm
+        self.literal = literal
         self.graph = nx.Graph()
         self.layouts: dict[fx.Node, _Layout | None] = {}
         self.members: list[tuple[Member, _Layout]] = []
@@ -577,7 +583,7 @@ class _Analysis:
             return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
         elif t is aten.select.int:
             return self.select(node)
-        elif t in (aten.layer_norm.default, masked_layer_norm):
+        elif t in (aten.layer_norm.default, masked_layer_norm, masked_rms_norm):
             return self.layer_norm(node)
         elif t is aten.scaled_dot_product_attention.default:
             return self.attention(node)
@@ -658,15 +664,19 @@ class _Analysis:
         return layout
 
     def layer_norm(self, node: fx.Node) -> _Layout | None:
-        """A layer norm over the last dimension, the channels: its scale and shift are members (and its
-        ``keep`` buffer, for ``masked_layer_norm``); the output has the input's channels."""
+        """A layer (or RMS) norm over the last dimension: over the channels, its scale and shift are members
+        (and its ``keep`` buffer, for the masked ops), over another dimension it acts on each channel alone;
+        the output has the input's channels."""
         layout = self.layouts.get(node.args[0])
-        if node.target is masked_layer_norm:
-            keep, weight, bias = (_arg(node, i, n) for i, n in ((1, "keep"), (2, "weight"), (3, "bias")))
+        if node.target in (masked_layer_norm, masked_rms_norm):
+            keep, weight = _arg(node, 1, "keep"), _arg(node, 2, "weight")
+            bias = _arg(node, 3, "bias") if node.target is masked_layer_norm else None
             shape = [_val(node).shape[-1]]
         else:
             shape, weight, bias, keep = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), \
                 _arg(node, 3, "bias"), None
+        if layout is not None and len(shape) == 1 and layout.dim != _val(node).dim() - 1:
+            return layout
         names = [_weight_of(t) if t is not None else None for t in (weight, bias, keep)]
         if layout is None or layout.dim != _val(node).dim() - 1 or len(shape) != 1 or weight is None \
                 or any(t is not None and n is None for t, n in zip((weight, bias, keep), names)) \
@@ -709,6 +719,12 @@ class _Analysis:
 
     # Shapes ---------------------------------------------------------------------
     def reshape(self, node: fx.Node) -> _Layout | None:
+        out = self._reshape(node)
+        if out is not None and self.literal and not _inferred(node, out.dim):
+            return self.unknown(node, "fixes the number of channels in")   # a size the compacted graph keeps
+        return out
+
+    def _reshape(self, node: fx.Node) -> _Layout | None:
         layout = self.layouts[node.args[0]]
         before, after = tuple(_val(node.args[0]).shape), tuple(_val(node).shape)
         d = layout.dim
@@ -764,6 +780,8 @@ class _Analysis:
         layout = self.layouts[node.args[0]]
         before, after = _val(node.args[0]).shape, _val(node).shape
         d = layout.dim + len(after) - len(before)
+        if self.literal and node.args[1][d] != -1:
+            return self.unknown(node, "fixes the number of channels in")   # a size the compacted graph keeps
         return _Layout(d, layout.segments) if after[d] == before[layout.dim] else self.unknown(node)
 
     def attention(self, node: fx.Node) -> _Layout | None:

@@ -48,8 +48,9 @@ from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
 # (a graph from torch.export); both take (input, weight, bias, stride, padding, dilation, groups).
-_LAYER_CALLS = set(WEIGHT_OPS) | {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
-                                  torch.ops.aten.conv3d.default, torch.ops.aten.linear.default}
+_LAYER_CALLS = set(WEIGHT_OPS) | {getattr(getattr(torch.ops.aten, op), overload)
+                                  for op in ("conv1d", "conv2d", "conv3d") for overload in ("default", "padding")} \
+    | {torch.ops.aten.linear.default}
 
 REPORT_ATTR = "_granet_fx_compaction"
 
@@ -108,7 +109,8 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     new.eval()
     graph = capture(new, inputs, values=True)
     reference = graph.outputs if graph.exported is None else _run(new, inputs)
-    groups = find_groups(graph)
+    # a GraphModule not made by sparsify (an ExportedProgram's module) is its own code: its sizes are numbers
+    groups = find_groups(graph, literal=isinstance(model, fx.GraphModule) and getattr(model, INFO_ATTR, None) is None)
     tensors = named_tensors(new)
     positions = layer_positions(graph)
     macs_before = sum(n * tensors[w].numel() for w, n in positions.items())

@@ -9,7 +9,13 @@ else. Once ``compact`` has cut the other channels out, ``keep`` is all True
 and ``unmask_layer_norms`` writes a plain ``layer_norm`` over the channels
 left: the same numbers, and onnxruntime's fused LayerNormalization.
 
-The op is composite (plain torch ops, so autograd, ``torch.compile`` and ONNX
+RMS norms are modules written out by hand (HF's ``LlamaRMSNorm``: pow, mean,
+rsqrt), which a graph shows only as those ops: ``recognise_rms_norms`` (before
+tracing) makes each module that computes ``weight * x / sqrt(mean(x^2) + eps)``
+a ``MaskedRMSNorm`` leaf calling ``granet_fx::masked_rms_norm``, and those that
+no removable group needs get their own class back (``restore_norms``).
+
+The ops are composite (plain torch ops, so autograd, ``torch.compile`` and ONNX
 export decompose it) and stays one node in ``torch.export`` programs, where
 channel analysis and compaction find it by name.
 """
@@ -40,6 +46,20 @@ def _masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor
 
 _LIBRARY.impl("masked_layer_norm", _masked_layer_norm, "CompositeImplicitAutograd")
 masked_layer_norm = torch.ops.granet_fx.masked_layer_norm.default
+
+_LIBRARY.define("masked_rms_norm(Tensor input, Tensor keep, Tensor? weight, float eps) -> Tensor")
+
+
+def _masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMS norm over the last dimension in float32 (as HF's Llama writes it), the mean square over ``keep``."""
+    m = keep.to(torch.float32)
+    x32 = x.to(torch.float32)
+    y = (x32 * torch.rsqrt((x32 * x32 * m).sum(-1, keepdim=True) / m.sum() + eps)).to(x.dtype)
+    return weight * y if weight is not None else y
+
+
+_LIBRARY.impl("masked_rms_norm", _masked_rms_norm, "CompositeImplicitAutograd")
+masked_rms_norm = torch.ops.granet_fx.masked_rms_norm.default
 
 KEEP = "channel_keep"     # the buffer, on the layer norm's module, of the channels its statistics use
 _LAYER_NORMS = {torch.nn.functional.layer_norm, torch.layer_norm, torch.ops.aten.layer_norm.default}
@@ -84,14 +104,68 @@ class MaskedLayerNorm(nn.LayerNorm):
         return masked_layer_norm(input, getattr(self, KEEP), self.weight, self.bias, self.eps)
 
 
+class MaskedRMSNorm(nn.Module):
+    """An RMS norm module (HF's ``LlamaRMSNorm`` and the like, recognised by ``recognise_rms_norms``) whose mean
+    square is over the channels its ``channel_keep`` buffer marks; its own forward no longer runs."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return masked_rms_norm(input, getattr(self, KEEP), self.weight, self.rms_eps)
+
+
 _MASKED_CLASSES: dict[type, type] = {nn.LayerNorm: MaskedLayerNorm}
 
 
-def _masked_class(cls: type) -> type:
-    """``cls`` (a layer norm class) with ``MaskedLayerNorm.forward`` under its own forward."""
+def _masked_class(cls: type, mixin: type = MaskedLayerNorm) -> type:
+    """``cls`` (a norm class) with ``mixin``'s forward: under its own for a layer norm (whose forward calls
+    ``super().forward``), instead of it for an RMS norm."""
     if cls not in _MASKED_CLASSES:
-        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (cls, MaskedLayerNorm), {"__module__": __name__})
+        bases = (cls, mixin) if mixin is MaskedLayerNorm else (mixin, cls)
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", bases, {"__module__": __name__})
     return _MASKED_CLASSES[cls]
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    """The epsilon of a module that looks like an RMS norm (a 1-D weight and nothing else), else None."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if "rmsnorm" not in type(module).__name__.lower() or not isinstance(weight, nn.Parameter) or weight.dim() != 1 \
+            or not isinstance(eps, float) or len(list(module.parameters())) != 1 or list(module.children()):
+        return None
+    return eps
+
+
+@torch.no_grad()
+def recognise_rms_norms(model: nn.Module) -> list[str]:
+    """Make every RMS norm module of ``model`` that computes ``weight * x / sqrt(mean(x^2) + eps)`` over the last
+    dimension (checked on a random input) a ``MaskedRMSNorm`` with an all-True ``keep``; returns their names.
+    Others (Gemma's ``1 + weight``, norms of other forms) stay as they are."""
+    found = []
+    generator = torch.Generator().manual_seed(0)
+    for name, module in model.named_modules():
+        eps = _rms_eps(module)
+        if eps is None or isinstance(module, MaskedRMSNorm):
+            continue
+        w = module.weight
+        x = torch.randn(2, 3, w.shape[0], generator=generator).to(w)
+        want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        try:
+            ok = torch.allclose(module(x), want, rtol=1e-4, atol=1e-5)
+        except Exception:
+            ok = False
+        if ok:
+            module.register_buffer(KEEP, torch.ones(w.shape[0], dtype=torch.bool, device=w.device))
+            module.rms_eps = eps
+            module.__class__ = _masked_class(type(module), MaskedRMSNorm)
+            found.append(name)
+    return found
+
+
+def restore_norms(model: nn.Module, keep: set[str] = frozenset()) -> None:
+    """Give the masked norm modules whose weight is not named in ``keep`` their own class and forward back."""
+    for name, module in model.named_modules():
+        if isinstance(module, (MaskedLayerNorm, MaskedRMSNorm)) and _name(name, "weight") not in keep:
+            module.__class__ = _plain_class(type(module))
+            del module._buffers[KEEP]
 
 
 def _plain_class(cls: type) -> type:
@@ -141,11 +215,14 @@ def mask_layer_norms(model: nn.Module, weights: set[str]) -> dict[str, str]:
 
 def unmask_layer_norms(model: nn.Module) -> None:
     """Write every ``masked_layer_norm`` whose ``keep`` is all True as a plain layer norm (the same
-    numbers): graph calls, and ``MaskedLayerNorm`` modules; those still ignoring a channel stay as they are."""
+    numbers): graph calls, and masked modules (layer and RMS norms get their own class back); those still
+    ignoring a channel stay as they are, and so do ``masked_rms_norm`` calls in graphs (all True, they compute
+    the RMS norm)."""
     for module in model.modules():
-        if isinstance(module, MaskedLayerNorm) and bool(getattr(module, KEEP).all()):
+        if isinstance(module, (MaskedLayerNorm, MaskedRMSNorm)) and bool(getattr(module, KEEP).all()):
             module.__class__ = _plain_class(type(module))
-            module.normalized_shape = tuple(getattr(module, KEEP).shape)
+            if isinstance(module, nn.LayerNorm):
+                module.normalized_shape = tuple(getattr(module, KEEP).shape)
             del module._buffers[KEEP]
     for _, gm in _graphs(model):
         changed = False

@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .layer_norms import MaskedRMSNorm
 from .ops import WEIGHT_MODULES, weight_uses
 
 
@@ -60,6 +61,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, _TRACED_THROUGH):
             return False
+        if isinstance(m, MaskedRMSNorm):    # a call, so that restoring its class restores its own forward
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
