@@ -14,7 +14,7 @@ from torch import nn
 
 import granet_fx as gf
 from granet_fx.passes.channel_groups import channel_groups
-from granet_fx.passes.layer_norms import MaskedLayerNorm, masked_layer_norm
+from granet_fx.passes.layer_norms import MaskedLayerNorm, MaskedRMSNorm, masked_layer_norm
 
 
 class Block(nn.Module):
@@ -83,10 +83,13 @@ def test_the_stream_is_one_group_with_its_layer_norms_and_layer_scale():
 
 
 def _pruned(model, x, sparsity=0.5, scope="global"):
-    """``model`` with ``sparsity`` of its removable channels masked by one controller step."""
+    """``model`` with ``sparsity`` of its removable channels masked by one controller step (the warnings
+    about HF models' dense weights silenced)."""
     config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=sparsity, total_steps=1,
                              prune_end=1, update_every=1, scope=scope)
-    sparse = gf.sparsify(model, config, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = gf.sparsify(model, config, example_inputs=(x,))
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
     return sparse
 
@@ -167,9 +170,7 @@ def test_vit_through_gf_save_and_granet_export_compact_narrows_its_residual_stre
 
     torch.manual_seed(0)
     model, x = tiny_vit()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = _pruned(model, x, scope="layer")    # every group at half its channels, the stream too
+    sparse = _pruned(model, x, scope="layer")    # every group at half its channels, the stream too
     width = int(sparse.get_buffer("classifier.weight_mask")[0].sum())
     assert width == 32
     gf.save(sparse, tmp_path / "vit.pt", example_inputs=(x,))
@@ -194,9 +195,7 @@ def test_convnext_compacts_every_stage_of_its_residual_stream():
     torch.manual_seed(0)
     config = transformers.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10)
     model, x = transformers.ConvNextForImageClassification(config).eval(), torch.randn(2, 3, 64, 64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = _pruned(model, x, scope="layer")
+    sparse = _pruned(model, x, scope="layer")
     small = gf.compact(sparse, x)
     with torch.no_grad():
         torch.testing.assert_close(small(x).logits, sparse(x).logits, atol=1e-5, rtol=1e-5)
@@ -261,13 +260,9 @@ def tiny_decoder(name):
 
 def test_llama_rms_norms_take_the_stream_and_compact_exactly():
     pytest.importorskip("transformers")
-    from granet_fx.passes.layer_norms import MaskedRMSNorm
-
     torch.manual_seed(0)
     model, x = tiny_decoder("Llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = _pruned(model, x, scope="layer")
+    sparse = _pruned(model, x, scope="layer")
     kept = sparse.get_buffer("model.norm.channel_keep")
     assert int(kept.sum()) == 16
     assert torch.equal(sparse.get_buffer("model.layers.1.input_layernorm.channel_keep"), kept)
@@ -289,12 +284,8 @@ def test_llama_rms_norms_take_the_stream_and_compact_exactly():
 def test_rms_norms_of_another_form_stay_as_they_are():
     """Gemma's RMS norm scales by 1 + weight: not the form granet_fx masks, so its stream stays whole."""
     pytest.importorskip("transformers")
-    from granet_fx.passes.layer_norms import MaskedRMSNorm
-
     torch.manual_seed(0)
     model, x = tiny_decoder("Gemma")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = _pruned(model, x, scope="layer")
+    sparse = _pruned(model, x, scope="layer")
     assert not any(isinstance(m, MaskedRMSNorm) for m in sparse.modules())
     assert gf.compact(sparse, x).get_parameter("model.embed_tokens.weight").shape == (64, 32)

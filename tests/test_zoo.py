@@ -74,13 +74,15 @@ def test_whole_chain(name, backend, tmp_path):
 # depthwise convolutions with padding="same"), every model of the zoo with -m slow
 CHANNEL_DEFAULT = ("llama", "opt", "efficientnet")
 CHANNEL_CASES = [pytest.param(n, id=n, marks=() if n in CHANNEL_DEFAULT else pytest.mark.slow) for n in ZOO]
+# its only removable channels are grouped-query heads, whose repeat_kv sizes the exported graph writes as numbers
+ONLY_GQA_HEADS = {"mixtral"}
 
 
 @pytest.mark.parametrize("name", CHANNEL_CASES)
 def test_channel_pruned_model_compacts_through_granet_export(name, tmp_path):
     """Channel GraNet (half of every group), gf.save, then ``granet-export --compact`` in a fresh interpreter:
     it compacts, checks onnxruntime against the masked model, and removes channels where compacting the
-    model in this process does."""
+    model in this process does (never more: in the file, sizes written as numbers keep their channels)."""
     import re
     import subprocess
     import sys
@@ -104,4 +106,5 @@ def test_channel_pruned_model_compacts_through_granet_export(name, tmp_path):
                           str(tmp_path / "model.onnx"), "--compact"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     removed = int(re.search(r"compaction: removed (\d+) of", run.stdout + run.stderr)[1])
-    assert (removed > 0) == (removed_here > 0), (removed, removed_here)
+    assert removed <= removed_here
+    assert (removed > 0) == (removed_here > 0 and name not in ONLY_GQA_HEADS), (removed, removed_here)
