@@ -8,6 +8,7 @@ random numbers). Every function returns new masks and leaves its inputs alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -101,10 +102,13 @@ def random_mask(shape: Sequence[int], keep: int, generator: torch.Generator | No
 # whole; under FSDP2 they are this rank's rows of each tensor, and the result
 # is the one a single process holding the whole tensors would get (the same
 # entries, ties included: the global order is tensor by tensor, rank by rank).
+# ``magnitude=True`` ranks by ``|score|``, computed slice by slice on the way
+# instead of in a copy of the whole tensor.
 
 
 def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int,
-                 comm: Comm = LOCAL) -> list[torch.Tensor]:
+                 comm: Comm = LOCAL, counts: Sequence[int] | None = None,
+                 magnitude: bool = False) -> list[torch.Tensor]:
     """Keep the ``keep`` active entries with the largest score over all layers together.
 
     Ties at the threshold are broken by position: the earliest (layer order,
@@ -112,13 +116,16 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     ``keep`` best leave a layer without any entry, every layer keeps its best
     one (largest score, the last among equals) and the rest compete for what is
     left; ``keep`` is raised to the number of layers with an active entry if smaller.
+    ``counts``: the active entries of each mask over all ranks, when already known.
     """
-    counts = _counts(masks, comm)
+    counts = _counts(masks, comm) if counts is None else list(counts)
     keep = max(keep, sum(c > 0 for c in counts))
     n_drop = sum(counts) - keep
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    return _drop_keeping_every_layer(scores, masks, counts, lambda pool, n: _pick(scores, pool, n_drop, n, comm), comm)
+    return _drop_keeping_every_layer(
+        scores, masks, counts, lambda pool, n: _pick(scores, pool, n_drop, n, comm, magnitude=magnitude),
+        comm, magnitude)
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -139,15 +146,18 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
     n_drop = total - max(keep, sum(c > 0 for c in counts))
     if n_drop <= 0:
         return [m.clone() for m in masks]
-    grads = [g.detach().abs() for g in gradients]
     size = max(int(select_ratio * total), n_drop)
 
-    def dropped(pool: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-        candidates = _pick(grads, pool, min(size, count), count, comm)
+    def dropped(pool: Sequence[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[int]]:
+        candidates = [p.nonzero().squeeze(1) for p in
+                      _pick(gradients, pool, min(size, count), count, comm, magnitude=True)[0]]
         chosen = _pick([s.detach().float().reshape(-1)[c] for s, c in zip(scores, candidates)],
                        [torch.ones(len(c), dtype=torch.bool, device=c.device) for c in candidates],
                        n_drop, min(size, count), comm)
-        return [c[i] for c, i in zip(candidates, chosen)]
+        picked = [torch.zeros(p.numel(), dtype=torch.bool, device=p.device) for p in pool]
+        for p, c, i in zip(picked, candidates, chosen[0]):
+            p[c[i]] = True
+        return picked, chosen[1]
 
     return _drop_keeping_every_layer(scores, masks, counts, dropped, comm)
 
@@ -157,25 +167,36 @@ def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
     return comm.sum([int(torch.count_nonzero(m)) for m in masks])
 
 
-def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm) -> list[torch.Tensor]:
-    """``masks`` without the entries that ``choose(pool, active count)`` picks (flat indices per mask); should
-    that empty a mask, every mask keeps its best-scored entry and ``choose`` picks from the others."""
-    dropped = choose(masks, sum(counts))
-    gone = comm.sum([len(d) for d in dropped])
-    if all(g < c for g, c in zip(gone, counts) if c):
-        return _without(masks, dropped)
-    rest = _without(masks, _best(scores, masks, counts, comm))
-    return _without(masks, choose(rest, sum(counts) - sum(c > 0 for c in counts)))
+def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm,
+                              magnitude: bool = False) -> list[torch.Tensor]:
+    """``masks`` without the entries that ``choose(pool, active count)`` picks (flat bool masks, and how
+    many each marks on this rank); should that empty a mask, every mask keeps its best-scored entry and
+    ``choose`` picks from the others."""
+    picked, mine = choose(masks, sum(counts))
+    if not all(g < c for g, c in zip(comm.sum(mine), counts) if c):
+        rest = _without(masks, _best(scores, masks, counts, comm, magnitude))
+        picked, _ = choose(rest, sum(counts) - sum(c > 0 for c in counts))
+    return [_minus(m, p) for m, p in zip(masks, picked)]
 
 
-def _best(scores, masks, counts: Sequence[int], comm: Comm) -> list[torch.Tensor | None]:
+def _minus(mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """``mask`` without the entries of the flat bool ``picked`` (which it reuses: a new tensor)."""
+    return picked.logical_not_().logical_and_(mask.reshape(-1)).view(mask.shape)
+
+
+def _best(scores, masks, counts: Sequence[int], comm: Comm, magnitude: bool = False) -> list[torch.Tensor | None]:
     """Per mask with an active entry, the flat index (a one-entry tensor, on the rank that holds it; None
     elsewhere) of the active entry with the largest score, the last one among equals."""
     local = []
     for s, m in zip(scores, masks):
-        flat = torch.where(m, s.detach().float(), -math.inf).flatten()
-        top = flat.max() if flat.numel() else torch.tensor(-math.inf)
-        local.append((top, (flat == top).nonzero()[-1] if m.any() else None))
+        s, m = s.detach().reshape(-1), m.reshape(-1)
+        top, index = torch.tensor(-math.inf), None
+        for at, key in _slices(s, magnitude):
+            key = torch.where(m[at:at + len(key)], key, -math.inf)
+            last = len(key) - 1 - int(key.flip(0).argmax())   # argmax: the first maximum of the flipped
+            if key[last] >= top and m[at + last]:
+                top, index = key[last], torch.tensor([at + last], device=m.device)
+        local.append((top, index))
     table = comm.table(torch.stack([t for t, _ in local]).double())   # (world, masks)
     best = []
     for u, ((_, index), c) in enumerate(zip(local, counts)):
@@ -195,18 +216,18 @@ def _without(masks, dropped) -> list[torch.Tensor]:
 
 
 def drop_smallest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL,
-                  count: int | None = None) -> torch.Tensor:
+                  count: int | None = None, magnitude: bool = False) -> torch.Tensor:
     """Deactivate the ``n`` active entries with the smallest score; among equals, the lowest flat
     indices go first. ``count``: the active entries, when already known."""
     count = _counts([mask], comm)[0] if count is None else count
     n = min(n, count)
     if n <= 0:
         return mask.clone()
-    return _without([mask], _pick([score], [mask], n, count, comm))[0]
+    return _minus(mask, _pick([score], [mask], n, count, comm, magnitude=magnitude)[0][0])
 
 
 def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = LOCAL,
-                 count: int | None = None) -> torch.Tensor:
+                 count: int | None = None, magnitude: bool = False) -> torch.Tensor:
     """Activate the ``n`` inactive entries with the largest score; among equals, the lowest flat
     indices first. ``count``: the inactive entries, when already known."""
     candidates = ~mask
@@ -214,86 +235,195 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = L
     n = min(n, count)
     if n <= 0:
         return mask.clone()
-    grown = mask.clone()
-    grown.view(-1)[_pick([score], [candidates], n, count, comm, largest=True)[0]] = True
-    return grown
+    picked = _pick([score], [candidates], n, count, comm, largest=True, magnitude=magnitude)[0][0]
+    return picked.logical_or_(mask.reshape(-1)).view(mask.shape)
 
 
 # Exact selection without sorting --------------------------------------------------
 
 SAMPLE = 1 << 14    # sampled positions that bracket a selection; smaller inputs are selected whole
+CHUNK = 1 << 22     # entries per slice of a pass: its temporaries stay small; few slices, few ops
+
+
+def _slices(score: torch.Tensor, magnitude: bool, largest: bool = False, buffer: torch.Tensor | None = None):
+    """(start, float32 keys) of consecutive ``CHUNK``-long slices of the flat ``score``: the score,
+    ``|score|`` with ``magnitude``, negated when ``largest`` (so that the best keys are the smallest);
+    computed in ``buffer`` (float32, at least a slice long) when it has to be computed."""
+    for at in range(0, score.numel(), CHUNK):
+        part = score[at:at + CHUNK]
+        if not (magnitude or largest):
+            yield at, part.float()
+            continue
+        key = torch.empty(len(part), device=part.device) if buffer is None else buffer[:len(part)]
+        if magnitude and part.dtype == torch.float32:
+            torch.abs(part, out=key)
+        else:
+            key.copy_(part)
+            if magnitude:
+                key.abs_()
+        yield at, key.neg_() if largest else key
+
+
+@dataclass
+class _Passed:
+    """What one pass over a tensor found: pool entries with a key up to the bracket's upper end
+    (``marked``: a flat bool tensor, ``n_marked`` of them), ``n_inside`` inside the bracket, the flat
+    index and key of those inside that are not ``tie`` (ascending), and the entries equal to ``tie``
+    (``ties``, a flat bool tensor; ``tie_counts``: how many in each slice)."""
+
+    marked: torch.Tensor
+    n_marked: int
+    n_inside: int
+    index: torch.Tensor
+    key: torch.Tensor
+    ties: torch.Tensor | None
+    tie_counts: list[int]
+
+
+def _pass(scores, pools, lower: float, upper: float, tie: float | None, largest: bool,
+          magnitude: bool) -> list[_Passed]:
+    """One pass over each tensor: mark the pool entries with a key up to ``upper``, gather those from
+    ``lower`` on, and mark apart (without gathering) those equal to ``tie``."""
+    longest = max((s.numel() for s in scores), default=0)
+    buffer = torch.empty(min(CHUNK, longest), device=pools[0].device) if magnitude or largest else None
+    passed = []
+    for s, p in zip(scores, pools):
+        marked = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
+        ties = torch.empty_like(marked) if tie is not None else None
+        n_marked = n_inside = 0
+        index, keys, tie_counts = [], [], []
+        for at, key in _slices(s, magnitude, largest, buffer):
+            pool, mark = p[at:at + len(key)], marked[at:at + len(key)]
+            if upper == math.inf:
+                mark.copy_(pool)
+            else:
+                torch.le(key, upper, out=mark).logical_and_(pool)
+            tied = None if tie is None else torch.eq(key, tie, out=ties[at:at + len(key)]).logical_and_(pool)
+            if lower == -math.inf:
+                inside = mark
+            elif lower == upper and tied is not None:      # then the bracket is the tie
+                inside = tied
+            else:
+                inside = torch.ge(key, lower).logical_and_(mark)
+            n_mark = int(torch.count_nonzero(mark))
+            n_tied = 0 if tied is None else int(torch.count_nonzero(tied))
+            n_marked += n_mark
+            n_inside += n_mark if inside is mark else n_tied if inside is tied else int(torch.count_nonzero(inside))
+            if tied is not None:
+                tie_counts.append(n_tied)
+                inside = torch.logical_xor(inside, tied)      # the ties are inside: the others
+            i = inside.nonzero().squeeze(1)
+            index.append(i + at)
+            keys.append(key[i])
+        passed.append(_Passed(marked, n_marked, n_inside,
+                              torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=p.device),
+                              torch.cat(keys) if keys else torch.zeros(0, device=p.device), ties, tie_counts))
+    return passed
 
 
 def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int,
-          comm: Comm = LOCAL, largest: bool = False) -> list[torch.Tensor]:
-    """Flat indices, per tensor (this rank's rows), of the ``k`` smallest scores (``largest``: the
-    largest) of the ``count`` entries where ``pools`` is True, over all tensors and ranks together;
-    among equals, the earliest in the global order (tensor by tensor, rank by rank, flat index).
+          comm: Comm = LOCAL, largest: bool = False, magnitude: bool = False) -> tuple[list[torch.Tensor], list[int]]:
+    """The ``k`` smallest scores (``largest``: the largest; ``magnitude``: of ``|score|``) of the ``count``
+    entries where ``pools`` is True, over all tensors and ranks together; among equals, the earliest in
+    the global order (tensor by tensor, rank by rank, flat index). Returns, per tensor, a flat bool tensor
+    of this rank's rows marking the picked entries, and how many it marks.
 
-    Exact, without sorting or passing over the tensors more than once (Floyd and
-    Rivest's idea): a random sample brackets the ``k``-th score, one pass over
-    each tensor gathers the entries on the chosen side of the bracket (those
-    sure to be picked and those inside it), and ``kthvalue`` runs on the few
-    inside. Should the sample miss, the selection runs on all entries.
+    Exact, without sorting and in one pass over each tensor (Floyd and Rivest's
+    idea): a random sample brackets the ``k``-th score; the pass marks the pool
+    entries up to the bracket's upper end and gathers those inside it, and
+    ``kthvalue`` runs on the few inside; the marks of those inside that are not
+    picked are then cleared. A score that the sample shows many times around
+    the ``k``-th (a tie of many entries, such as exact zeros) is marked apart
+    and counted, not gathered: should the ``k``-th be that score, the earliest
+    of its entries are kept marked. Should the sample miss, the selection runs
+    on all entries.
     """
     device = pools[0].device
     if k <= 0:
-        return [torch.zeros(0, dtype=torch.long, device=device) for _ in pools]
-    scores = [s.detach().float().reshape(-1) for s in scores]
+        return [torch.zeros(p.numel(), dtype=torch.bool, device=device) for p in pools], [0] * len(pools)
+    scores = [s.detach().reshape(-1) for s in scores]
+    pools = [p.reshape(-1) for p in pools]
+    lower, upper, tie = _bracket(scores, pools, k, count, comm, largest, magnitude)
+    passed = _pass(scores, pools, lower, upper, tie, largest, magnitude)
+    marked, inside, ties = comm.sum([sum(p.n_marked for p in passed), sum(p.n_inside for p in passed),
+                                     sum(sum(p.tie_counts) for p in passed)])
+    sure = marked - inside                  # marked below the bracket: picked, whatever the k-th is
+    if not sure < k <= sure + inside:       # the sample missed: select among all entries
+        tie, sure, ties = None, 0, 0
+        passed = _pass(scores, pools, -math.inf, math.inf, None, largest, magnitude)
+    keys = comm.cat(torch.cat([p.key for p in passed]).to(device))    # those inside, but the ties
+    j = k - sure                            # the k-th is the j-th smallest inside
+    before = int(torch.count_nonzero(keys < tie)) if tie is not None else 0
+    if tie is not None and before < j <= before + ties:
+        value = tie
+    else:
+        value = torch.kthvalue(keys, j - ties if j > before else j).values.item()
+    # Of the entries equal to the k-th, the first ones in the global order are picked: ``left`` are not.
+    if value == tie:
+        equal, left = [sum(p.tie_counts) for p in passed], ties - (j - before)
+    else:
+        below = int(torch.count_nonzero(keys < value)) + (ties if tie is not None and tie < value else 0)
+        equal, left = [int(torch.count_nonzero(p.key == value)) for p in passed], \
+            int(torch.count_nonzero(keys == value)) - (j - below)
+    picked, counts = [], []
+    for p, later in zip(passed, allot_last(comm.table(torch.tensor(equal)), left, comm.rank)):
+        gone = p.index[p.key > value]
+        if value != tie and later:
+            gone = torch.cat([gone, p.index[p.key == value][-later:]])
+        p.marked[gone] = False
+        cleared = len(gone)
+        if tie is not None and value <= tie:        # ties above the k-th, or the last of those equal to it
+            n_ties = sum(p.tie_counts)
+            drop = later if value == tie else n_ties
+            if drop:
+                _clear_after(p.marked, p.ties, p.tie_counts, n_ties - drop)
+            cleared += drop
+        picked.append(p.marked)
+        counts.append(p.n_marked - cleared)
+    return picked, counts
 
-    def gather(upper: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Flat indices and keys of the pool entries whose key is at most ``upper``: the one pass."""
-        index, keys = [], []
-        for s, p in zip(scores, pools):
-            chosen = p.reshape(-1) if upper == math.inf else \
-                (torch.ge(s, -upper) if largest else torch.le(s, upper)).logical_and_(p.reshape(-1))
-            i = chosen.nonzero().squeeze(1)
-            index.append(i)
-            keys.append(s[i].neg_() if largest else s[i])
-        return index, keys
 
-    # keys: the score, or -score for the largest; the k smallest keys are picked
-    lo, hi = _bracket(scores, pools, count - k + 1 if largest else k, count, comm)
-    upper, lower = (-lo, -hi) if largest else (hi, lo)
-    index, keys = gather(upper)
-    sure = comm.sum([sum(int(torch.count_nonzero(key < lower)) for key in keys)])[0]
-    inside = comm.cat(torch.cat([key[key >= lower] for key in keys]).to(device))
-    if not sure < k <= sure + inside.numel():       # the sample missed: select among all entries
-        if upper < math.inf:
-            index, keys = gather(math.inf)
-        sure, inside = 0, comm.cat(torch.cat(keys).to(device))
-    value = torch.kthvalue(inside, k - sure).values
-    below = [key < value for key in keys]
-    ties = [key == value for key in keys]
-    table = comm.table(torch.tensor([int(torch.count_nonzero(t)) for t in ties]))
-    left = int(table.sum()) - (k - comm.sum([sum(int(torch.count_nonzero(b)) for b in below)])[0])
-    picked = []
-    for i, b, t, later in zip(index, below, ties, allot_last(table, left, comm.rank)):
-        if later:
-            t[t.nonzero().squeeze(1)[-later:]] = False
-        picked.append(i[b.logical_or_(t)])     # in flat order
-    return picked
+def _clear_after(marked: torch.Tensor, ties: torch.Tensor, tie_counts: Sequence[int], first: int) -> None:
+    """Clear in ``marked`` the entries of ``ties`` after its ``first`` ones (in flat order)."""
+    start, seen = 0, 0
+    for c, n in enumerate(tie_counts if first else []):
+        if seen + n >= first:
+            at = c * CHUNK
+            start = at + int(ties[at:at + CHUNK].nonzero()[first - seen - 1]) + 1
+            break
+        seen += n
+    marked[start:].logical_and_(ties[start:].logical_not_())
 
 
-def _bracket(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], k: int, count: int,
-             comm: Comm = LOCAL) -> tuple[float, float]:
-    """Two scores that very likely enclose the ``k``-th smallest candidate, from a seeded random sample."""
-    total = comm.sum([sum(m.numel() for m in masks)])[0]
+def _bracket(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int,
+             comm: Comm = LOCAL, largest: bool = False, magnitude: bool = False) -> tuple[float, float, float | None]:
+    """Two keys that very likely enclose the ``k``-th smallest key of the pools, from a seeded random
+    sample, and the key that the sample shows most often between them (None: none twice)."""
+    total = comm.sum([sum(p.numel() for p in pools)])[0]
     if total <= SAMPLE:
-        return -math.inf, math.inf
+        return -math.inf, math.inf, None
+    device = pools[0].device
     generator = torch.Generator().manual_seed(k * comm.world + comm.rank)
-    picked = [torch.empty(0, device=masks[0].device)]
-    for s, m in zip(scores, masks):
-        if m.numel():
-            at = torch.randint(m.numel(), (max(1, SAMPLE * m.numel() // total),), generator=generator).to(m.device)
-            picked.append(s.reshape(-1)[at][m.reshape(-1)[at]].to(masks[0].device))
+    picked = [torch.empty(0, device=device)]
+    for s, p in zip(scores, pools):
+        if p.numel():
+            at = torch.randint(p.numel(), (max(1, SAMPLE * p.numel() // total),), generator=generator).to(p.device)
+            key = s[at].float()
+            key = key.abs() if magnitude else key
+            picked.append((key.neg() if largest else key)[p[at]].to(device))
     sample = comm.cat(torch.cat(picked)).sort().values
     rank = k / count * sample.numel()
     margin = 4.0 * math.sqrt(sample.numel()) + 2.0   # the rank's spread is at most sqrt(n) / 2
     low, high = math.floor(rank - margin), math.ceil(rank + margin)
-    lo = sample[low].item() if low >= 0 else -math.inf
-    hi = sample[high].item() if high < sample.numel() else math.inf
-    return lo, hi
+    lower = sample[low].item() if low >= 0 else -math.inf
+    upper = sample[high].item() if high < sample.numel() else math.inf
+    window = sample[max(low, 0):high + 1]
+    tie = None
+    if window.numel():
+        values, repeats = torch.unique_consecutive(window, return_counts=True)
+        if repeats.max() > 1:
+            tie = values[repeats.argmax()].item()
+    return lower, upper, tie
 
 
 # Structured granularities: whole channels, N:M ---------------------------------

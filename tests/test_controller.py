@@ -223,3 +223,20 @@ def test_resume_with_another_config_is_refused():
     gb = gf.GraNet(b, torch.optim.SGD(b.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="final_sparsity"):
         gb.load_state_dict(ga.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_remasking_writes_zero_bit_for_bit_like_masked_fill(dtype, monkeypatch):
+    from granet_fx import controller
+    monkeypatch.setattr(controller, "_SLICE", 1000)      # several slices
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 90, generator=g).to(dtype)
+    w[0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, -1.0, 2.0])
+    state = torch.randn(70, 90, generator=g)
+    strided = torch.randn(90, 70, generator=g).t()           # not contiguous: masked_fill_ itself
+    mask = torch.rand(70, 90, generator=g) < 0.3
+    mask[0, :3] = False
+    expected = [t.masked_fill(~mask, 0) for t in (w, state, strided)]
+    controller._zero_where_not([w, state, strided], mask)
+    for got, want in zip((w, state, strided), expected):
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))  # bits: +0.0

@@ -166,6 +166,31 @@ def test_large_inputs_select_exactly_through_the_sampled_bracket(decimals, monke
         expected[grown] = True
         assert (grow_largest(scores[0], masks[0], n).numpy().ravel() == expected).all()
     # A bracket that misses the answer falls back to selecting among every candidate.
-    monkeypatch.setattr(criteria, "_bracket", lambda *a: (10.0, 11.0))
+    monkeypatch.setattr(criteria, "_bracket", lambda *a: (10.0, 11.0, None))
     got = np.concatenate([m.numpy().ravel() for m in prune_global(scores, masks, 30_000)])
     assert (got == reference_prune(scores, masks, 30_000)).all()
+
+
+@pytest.mark.parametrize("chunk", [criteria.CHUNK, 1000])     # 1000: several slices per tensor
+def test_pools_of_many_exact_zeros_select_like_a_stable_sort(chunk, monkeypatch):
+    # Exact zeros (regrown weights, gradients of dead units) make ties of most of a pool: they are
+    # counted apart, not gathered, and the earliest are still the ones taken.
+    monkeypatch.setattr(criteria, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 200, generator=g) * (torch.rand(300, 200, generator=g) < 0.2)   # 80% zeros
+    mask = torch.rand(300, 200, generator=g) < 0.6
+    s, m = w.abs().numpy().ravel(), mask.numpy().ravel()
+    for n in (500, 5_000, 30_000, 34_000):      # the k-th in the zeros, or among the nonzero ones
+        dropped = np.argsort(np.where(m, s, np.inf), kind="stable")[:n]
+        expected = m.copy()
+        expected[dropped] = False
+        assert (drop_smallest(w, mask, n, magnitude=True).numpy().ravel() == expected).all()
+        grown = np.argsort(-np.where(m, -np.inf, s), kind="stable")[:n]
+        expected = m.copy()
+        expected[grown] = True
+        assert (grow_largest(-w, mask, n, magnitude=True).numpy().ravel() == expected).all()
+    weights = [w, torch.randn(100, 100, generator=g) * (torch.rand(100, 100, generator=g) < 0.5)]
+    masks = [mask, torch.rand(100, 100, generator=g) < 0.9]
+    for keep in (1_000, 20_000, 30_000):
+        got = np.concatenate([x.numpy().ravel() for x in prune_global(weights, masks, keep, magnitude=True)])
+        assert (got == reference_prune([x.abs() for x in weights], masks, keep)).all()
