@@ -153,7 +153,7 @@ def recognise_rms_norms(model: nn.Module) -> list[str]:
         except Exception:
             ok = False
         if ok:
-            module.register_buffer(KEEP, torch.ones(w.shape[0], dtype=torch.bool, device=w.device))
+            _add_keep(module, w)
             module.rms_eps = eps
             module.__class__ = _masked_class(type(module), MaskedRMSNorm)
             found.append(name)
@@ -164,12 +164,23 @@ def restore_norms(model: nn.Module, keep: set[str] = frozenset()) -> None:
     """Give the masked norm modules whose weight is not named in ``keep`` their own class and forward back."""
     for name, module in model.named_modules():
         if isinstance(module, (MaskedLayerNorm, MaskedRMSNorm)) and _name(name, "weight") not in keep:
-            module.__class__ = _plain_class(type(module))
-            del module._buffers[KEEP]
+            _unmask_module(module)
 
 
 def _plain_class(cls: type) -> type:
     return next((plain for plain, masked in _MASKED_CLASSES.items() if masked is cls), cls)
+
+
+def _add_keep(module: nn.Module, weight: torch.Tensor) -> None:
+    """An all-True ``keep`` buffer on ``module``, one entry per entry of the norm's ``weight``."""
+    if KEEP not in module._buffers:
+        module.register_buffer(KEEP, torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device))
+
+
+def _unmask_module(module: nn.Module) -> None:
+    """A masked norm module back to its own class (and forward), without its ``keep`` buffer."""
+    module.__class__ = _plain_class(type(module))
+    del module._buffers[KEEP]
 
 
 def mask_layer_norms(model: nn.Module, weights: set[str]) -> dict[str, str]:
@@ -186,9 +197,7 @@ def mask_layer_norms(model: nn.Module, weights: set[str]) -> dict[str, str]:
             x, weight, bias, eps = call
             owner = weight.rpartition(".")[0]
             module = gm.get_submodule(owner)
-            if KEEP not in module._buffers:
-                w = gm.get_parameter(weight)
-                module.register_buffer(KEEP, torch.ones(w.shape[0], dtype=torch.bool, device=w.device))
+            _add_keep(module, gm.get_parameter(weight))
             with gm.graph.inserting_before(node):
                 operands = [gm.graph.get_attr(t) if t is not None else None
                             for t in (_name(owner, KEEP), weight, bias)]
@@ -206,8 +215,7 @@ def mask_layer_norms(model: nn.Module, weights: set[str]) -> dict[str, str]:
         module = model.get_submodule(owner)
         if leaf == "weight" and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 \
                 and not isinstance(module, MaskedLayerNorm):
-            module.register_buffer(KEEP, torch.ones(module.weight.shape[0], dtype=torch.bool,
-                                                    device=module.weight.device))
+            _add_keep(module, module.weight)
             module.__class__ = _masked_class(type(module))
             keeps[weight] = _name(owner, KEEP)
     return keeps
@@ -220,10 +228,9 @@ def unmask_layer_norms(model: nn.Module) -> None:
     the RMS norm)."""
     for module in model.modules():
         if isinstance(module, (MaskedLayerNorm, MaskedRMSNorm)) and bool(getattr(module, KEEP).all()):
-            module.__class__ = _plain_class(type(module))
             if isinstance(module, nn.LayerNorm):
                 module.normalized_shape = tuple(getattr(module, KEEP).shape)
-            del module._buffers[KEEP]
+            _unmask_module(module)
     for _, gm in _graphs(model):
         changed = False
         for node in list(gm.graph.nodes):
