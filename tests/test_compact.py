@@ -5,13 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import granet_fx as gf
+from granet_fx.passes.channel_groups import named_tensors
 from granet_fx.models import BottleneckResNet, InvertedResidual, MLP, Mnist1dCNN, MobileNetV2, TransformerBlock
 
 from helpers import Branchy, batches, train
-from test_channel_groups import TwoBlocks
+from test_channel_groups import Mobile, TwoBlocks
+from test_layer_norms import Stream, _pruned
 
 
 def eval_out(model, x):
@@ -185,6 +187,32 @@ def test_compacting_channel_granet_removes_exactly_the_pruned_channels():
     # the controller's FLOPs count (masks and unread rows) and the compacted model's MACs agree
     assert report.flops_ratio == pytest.approx(granet.report().inference_flops, rel=1e-9)
     assert torch.allclose(eval_out(small, x), eval_out(model, x), atol=1e-5)
+
+
+def _state(model):
+    """What compaction must leave as it is: every tensor, the code of every graph, each module's class and sizes."""
+    sizes = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape")
+    return ({k: v.clone() for k, v in named_tensors(model).items()},
+            [m.code for m in model.modules() if isinstance(m, fx.GraphModule)],
+            [(name, type(m), [getattr(m, a, None) for a in sizes]) for name, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("make, shape", [(Mobile, (2, 4, 8, 8)), (lambda: Stream(traceable=False), (8, 6)),
+                                         (Stream, (8, 6))], ids=["depthwise", "norm-module", "norm-in-graph"])
+def test_compaction_leaves_the_masked_model_alone_and_shares_no_tensor_with_it(make, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    model = _pruned(make(), x)
+    expected = eval_out(model, x)
+    before = _state(model)
+    small = gf.compact(model, x)
+    assert gf.compaction_report(small).removed > 0
+    after = _state(model)
+    assert after[0].keys() == before[0].keys() and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert after[1:] == before[1:]
+    assert torch.equal(eval_out(model, x), expected)
+    theirs = {t.untyped_storage().data_ptr() for t in named_tensors(model).values()}
+    assert not [name for name, t in named_tensors(small).items() if t.untyped_storage().data_ptr() in theirs]
 
 
 def test_compacts_the_module_of_an_exported_program():

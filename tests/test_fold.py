@@ -41,6 +41,8 @@ def test_fold_computes_what_the_masked_model_computes():
     assert set(folded.state_dict()) == {k for k in model.state_dict() if not k.endswith("_mask")}
     for name, mask in masks.items():
         assert torch.equal(folded.get_parameter(name), weights[name] * mask)
+    theirs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not [t for t in [*folded.parameters(), *folded.buffers()] if t.untyped_storage().data_ptr() in theirs]
     # the training model keeps its masks and mask nodes
     assert len(mask_nodes(model)) == 3 and set(granet.masks()) == set(masks)
 

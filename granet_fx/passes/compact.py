@@ -115,21 +115,26 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     positions = layer_positions(graph)
     macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
     values = _Probe(new, graph, inputs, {c.node for g in groups for c in g.columns})
+    calls = _layer_calls(new)
 
     kept: Counter[str] = Counter()
     removals, folds = [], []
+    nonzero = _NonZero(tensors)
     for group in groups:
-        removed, group_folds = _plan(group, tensors, values, new, kept)
+        removed, group_folds = _plan(group, tensors, nonzero, values, new, calls, kept)
         if len(removed):
             removals.append((group, removed))
             folds += group_folds
     added: dict[str, str] = {}  # weight -> bias created to take a folded constant
+    changed: dict[int, fx.GraphModule] = {}  # the graphs rewritten, whose code is generated once, at the end
     with torch.no_grad():
         for column, channel, constants in folds:
-            _fold_constant(new, tensors, column, channel, constants, added)
+            _fold_constant(new, tensors, calls, column, channel, constants, added, changed)
         _slice(new, removals, added)
-    _fix_sizes(new, removals)
-    unmask_layer_norms(new)
+    _fix_sizes(new, removals, calls, changed)
+    changed.update((id(gm), gm) for gm in unmask_layer_norms(new, recompile=False))
+    for gm in changed.values():
+        gm.recompile()
 
     try:
         outputs = _run(new, inputs)
@@ -153,15 +158,16 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
 # Deciding ---------------------------------------------------------------------
 
 
-def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[torch.Tensor, list]:
+def _plan(group: ChannelGroup, tensors, nonzero: "_NonZero", values, model, calls, kept: Counter
+          ) -> tuple[torch.Tensor, list]:
     """The channels of ``group`` to remove, and the constants to fold: [(column, channel, constants)]."""
     zero_rows = torch.ones(group.size, dtype=torch.bool)
     for r in group.rows:
-        zero_rows &= ~_nonzero(r, tensors[r.weight].detach(), group.size)
+        zero_rows &= ~nonzero(r, group.size)
     # No layer reads the channels: they are unread, unless pinned (read by the output or by unknown ops).
     unread = torch.full((group.size,), not group.pinned or bool(group.columns))
     for c in group.columns:
-        unread &= ~_nonzero(c, tensors[c.weight].detach(), group.size)
+        unread &= ~nonzero(c, group.size)
     dead = zero_rows | unread
     pinned = group.pinned or [f"a layer norm takes its statistics over all of them ({m.weight})"
                               for m in group.members if m.layer_norm and m.mask is None][:1]
@@ -186,7 +192,7 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
                 reason = "the value varies with the input (zero rows but not a constant)"
             elif c.padded and bool((constants != 0).any()):
                 reason = "a non-zero constant feeds a zero-padded convolution"
-            elif bool((constants != 0).any()) and not _can_take_bias(model, c):
+            elif bool((constants != 0).any()) and not _can_take_bias(model, calls, c):
                 reason = "a constant feeds a layer without a bias to absorb it"
             else:
                 plan.append((c, i, constants))
@@ -205,13 +211,31 @@ def _plan(group: ChannelGroup, tensors, values, model, kept: Counter) -> tuple[t
     return remove.nonzero().squeeze(1), folds
 
 
-def _nonzero(member: Member, t: torch.Tensor, size: int) -> torch.Tensor:
-    """For each of the group's ``size`` channels, whether ``member``'s tensor ``t`` has a non-zero entry
-    for it (NaN counts as non-zero); read in one pass, without copying ``t``."""
-    if member.role == "column":
-        columns = t.any(0).reshape(t.shape[1], -1).any(1)     # per input channel of the layer
-        return columns[member.indices(torch.arange(size)).to(t.device)].view(size, -1).any(1).cpu()
-    return t.narrow(0, member.offset, size * member.repeat).reshape(size, -1).any(1).cpu()
+class _NonZero:
+    """Which output channels (rows) and input channels (columns) of each weight have a non-zero entry
+    (NaN counts as non-zero), both read off one pass over ``|weight|`` the first time a group asks."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def of(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight not in self.seen:
+            t = self.tensors[weight].detach()
+            if t.numel():   # max |w| is 0 exactly where every entry is 0 or -0, NaN where one is NaN
+                a = t.abs()
+                rows, columns = a.reshape(t.shape[0], -1).amax(1) != 0, a.amax(0).reshape(t.shape[1], -1).amax(1) != 0
+            else:
+                rows, columns = (torch.zeros(t.shape[d], dtype=torch.bool, device=t.device) for d in (0, 1))
+            self.seen[weight] = rows, columns
+        return self.seen[weight]
+
+    def __call__(self, member: Member, size: int) -> torch.Tensor:
+        """For each of the group's ``size`` channels, whether ``member``'s weight has a non-zero entry for it."""
+        rows, columns = self.of(member.weight)
+        if member.role == "column":
+            return columns[member.indices(torch.arange(size)).to(columns.device)].view(size, -1).any(1).cpu()
+        return rows.narrow(0, member.offset, size * member.repeat).view(size, -1).any(1).cpu()
 
 
 def _constants(value: tuple[torch.Tensor, torch.Tensor] | None, column: Member, channel: int) -> torch.Tensor | None:
@@ -276,9 +300,13 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(owner), leaf
 
 
-def _calls(model: nn.Module, weight: str):
-    """(graph module, call node, weight node) for the conv/linear calls, in every GraphModule of ``model``,
-    whose weight is the parameter ``weight``."""
+_Calls = dict[str, list[tuple[fx.GraphModule, fx.Node, fx.Node]]]
+
+
+def _layer_calls(model: nn.Module) -> _Calls:
+    """Parameter name -> (graph module, call node, weight node) of each conv/linear call, in every
+    GraphModule of ``model``, whose weight is that parameter."""
+    calls: _Calls = {}
     for prefix, gm in model.named_modules():
         if not isinstance(gm, fx.GraphModule):
             continue
@@ -286,24 +314,25 @@ def _calls(model: nn.Module, weight: str):
             if node.op != "call_function" or node.target not in _LAYER_CALLS:
                 continue
             w = weight_operand(node)
-            if w is not None and w.op == "get_attr" and (f"{prefix}.{w.target}" if prefix else w.target) == weight:
-                yield gm, node, w
+            if w is not None and w.op == "get_attr":
+                calls.setdefault(f"{prefix}.{w.target}" if prefix else w.target, []).append((gm, node, w))
+    return calls
 
 
-def _can_take_bias(model: nn.Module, column: Member) -> bool:
+def _can_take_bias(model: nn.Module, calls: _Calls, column: Member) -> bool:
     """Whether the layer of ``column`` has a bias, or one can be added that its calls will use."""
     if column.bias is not None:
         return True
     module, leaf = _owner(model, column.weight)
     if leaf != "weight" or getattr(module, "bias", None) is not None:
         return False
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or any(True for _ in _calls(model, column.weight))
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or bool(calls.get(column.weight))
 
 
-def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, constants: torch.Tensor,
-                   added: dict[str, str]) -> None:
+def _fold_constant(model: nn.Module, tensors, calls: _Calls, column: Member, channel: int, constants: torch.Tensor,
+                   added: dict[str, str], changed: dict[int, fx.GraphModule]) -> None:
     """Add what ``column``'s layer computes from constant inputs at ``channel`` to its bias
-    (creating the bias if the layer has none; ``added`` records it)."""
+    (creating the bias if the layer has none; ``added`` records it, ``changed`` the graphs rewritten)."""
     w = tensors[column.weight]
     cols = w.index_select(1, column.indices(torch.tensor([channel])).to(w.device))   # (out, repeat, *kernel)
     contribution = (cols.reshape(*cols.shape[:2], -1).sum(2) * constants.to(w)).sum(1)
@@ -312,7 +341,7 @@ def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, cons
         module, _ = _owner(model, column.weight)
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
         name = column.weight.rpartition(".")[0] + ".bias"
-        for gm, node, weight in _calls(model, column.weight):
+        for gm, node, weight in calls.get(column.weight, []):
             owner = weight.target.rpartition(".")[0]
             with gm.graph.inserting_before(node):
                 bias = gm.graph.get_attr(f"{owner}.bias" if owner else "bias")
@@ -320,7 +349,7 @@ def _fold_constant(model: nn.Module, tensors, column: Member, channel: int, cons
                 node.update_arg(2, bias)
             else:
                 node.update_kwarg("bias", bias)
-            gm.recompile()
+            changed[id(gm)] = gm
         tensors[name] = module.bias
         added[column.weight] = bias = name
     tensors[bias].add_(contribution)
@@ -350,9 +379,10 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
             (module._parameters if leaf in module._parameters else module._buffers)[leaf] = new
 
 
-def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
-    """Set ``groups`` of depthwise convs to their new channel count, and the modules' size attributes."""
-    changed: dict[int, fx.GraphModule] = {}
+def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], calls: _Calls,
+               changed: dict[int, fx.GraphModule]) -> None:
+    """Set ``groups`` of depthwise convs to their new channel count (``changed``: the graphs rewritten),
+    and the modules' size attributes."""
     for group, _ in removals:
         for r in group.rows:
             if not r.depthwise:
@@ -361,14 +391,12 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
             module, _ = _owner(model, r.weight)
             if hasattr(module, "groups"):
                 module.groups = channels
-            for gm, node, _ in _calls(model, r.weight):
+            for gm, node, _ in calls.get(r.weight, []):
                 if len(node.args) > 6:
                     node.update_arg(6, channels)
                 else:
                     node.update_kwarg("groups", channels)
                 changed[id(gm)] = gm
-    for gm in changed.values():
-        gm.recompile()
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups

@@ -20,23 +20,29 @@ def fold_mask(root: nn.Module, weight: str, mask: str) -> None:
     delattr(root.get_submodule(owner) if owner else root, name)
 
 
-def fold_masks(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every mask node of ``gm`` by its weight, folding the mask into the weight.
-
-    The mask's get_attr node and buffer go too. Rewrites ``gm`` in place and returns it.
-    """
+def remove_mask_nodes(graph: fx.Graph) -> dict[str, str]:
+    """Replace every mask node of ``graph`` by its weight, and drop the mask's get_attr node; returns
+    mask target -> weight target. The graph only: the caller folds the masks into the weights."""
     folds: dict[str, str] = {}
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if not is_mask_node(node):
             continue
         weight, mask = node.args
         folds[mask.target] = weight.target
         node.replace_all_uses_with(weight)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         if not mask.users:
-            gm.graph.erase_node(mask)
-    for mask, weight in folds.items():
+            graph.erase_node(mask)
+    graph.lint()
+    return folds
+
+
+def fold_masks(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every mask node of ``gm`` by its weight, folding the mask into the weight.
+
+    The mask's get_attr node and buffer go too. Rewrites ``gm`` in place and returns it.
+    """
+    for mask, weight in remove_mask_nodes(gm.graph).items():
         fold_mask(gm, weight, mask)
-    gm.graph.lint()
     gm.recompile()
     return gm

@@ -221,11 +221,12 @@ def mask_layer_norms(model: nn.Module, weights: set[str]) -> dict[str, str]:
     return keeps
 
 
-def unmask_layer_norms(model: nn.Module) -> None:
+def unmask_layer_norms(model: nn.Module, recompile: bool = True) -> list[fx.GraphModule]:
     """Write every ``masked_layer_norm`` whose ``keep`` is all True as a plain layer norm (the same
     numbers): graph calls, and masked modules (layer and RMS norms get their own class back); those still
     ignoring a channel stay as they are, and so do ``masked_rms_norm`` calls in graphs (all True, they compute
-    the RMS norm)."""
+    the RMS norm). Returns the GraphModules rewritten; without ``recompile`` the caller generates their code."""
+    rewritten = []
     for module in model.modules():
         if isinstance(module, (MaskedLayerNorm, MaskedRMSNorm)) and bool(getattr(module, KEEP).all()):
             if isinstance(module, nn.LayerNorm):
@@ -254,4 +255,7 @@ def unmask_layer_norms(model: nn.Module) -> None:
                 if KEEP in module._buffers and _name(owner, KEEP) not in used:
                     del module._buffers[KEEP]
             gm.graph.lint()
-            gm.recompile()
+            if recompile:
+                gm.recompile()
+            rewritten.append(gm)
+    return rewritten
