@@ -27,6 +27,7 @@ statistics over the kept channels only (``layer_norms``).
 
 from __future__ import annotations
 
+import functools
 import linecache
 import math
 import operator
@@ -271,6 +272,19 @@ def _user_line(frame) -> str:
     return f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n    {line}'
 
 
+@functools.cache
+def _arguments(op: torch._ops.OpOverload) -> tuple[tuple[str, Any], ...]:
+    """(name, default) of each argument of ``op``: its schema, read once (building it takes microseconds)."""
+    return tuple((a.name, a.default_value) for a in op._schema.arguments)
+
+
+@functools.cache
+def _written(op: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """(position, name) of each argument that ``op`` writes to."""
+    return tuple((i, a.name) for i, a in enumerate(op._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
 class _Recorder(TorchDispatchMode):
     """Records every aten op the model runs as a node of an fx graph (tensors mapped to nodes by identity)."""
 
@@ -306,7 +320,7 @@ class _Recorder(TorchDispatchMode):
         if isinstance(x, torch.Tensor):
             return self.node(x)
         if isinstance(x, (tuple, list)):
-            return type(x)(self.nodes_of(a) for a in x)
+            return type(x)([self.nodes_of(a) for a in x])
         if isinstance(x, dict):
             return {k: self.nodes_of(v) for k, v in x.items()}
         return x
@@ -315,7 +329,10 @@ class _Recorder(TorchDispatchMode):
         paused, self.paused = self.paused, True   # nothing done here is an op of the model
         try:
             node_args = self.nodes_of(args)
-            node = self.graph.call_function(target, node_args, self.nodes_of(kwargs))
+            # made empty, then given its arguments: create_node would search them for symbolic sizes,
+            # which a recording of real tensors has none of (a tenth of the time of a capture)
+            node = self.graph.call_function(target)
+            node.args, node.kwargs = node_args, self.nodes_of(kwargs)
             node.meta["stack_trace"] = _user_line(sys._getframe(2))
             if target in _CONVS or target is aten.linear.default:
                 self.save(node_args[0], args[0])
@@ -342,9 +359,9 @@ class _Recorder(TorchDispatchMode):
 
     def keep_saved(self, func, args: tuple, kwargs: dict) -> None:
         """Before ``func`` writes to a tensor, copy the saved values that share its storage."""
-        for i, arg in enumerate(func._schema.arguments):
-            t = args[i] if i < len(args) else kwargs.get(arg.name)
-            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(t, torch.Tensor):
+        for i, name in _written(func):
+            t = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(t, torch.Tensor):
                 for name in self.saved.pop(t.untyped_storage().data_ptr(), []):
                     self.values[name] = self.values[name].clone()
 
@@ -388,7 +405,7 @@ class _LayerCalls(TorchFunctionMode):
             op = packet.padding
         else:
             op = packet.default
-        op_args = tuple(bound[a.name] if a.name in bound else a.default_value for a in op._schema.arguments)
+        op_args = tuple(bound[name] if name in bound else default for name, default in _arguments(op))
         self.recorder.paused = True
         try:
             out = func(*args, **kwargs)

@@ -357,12 +357,13 @@ def _fold_constant(model: nn.Module, tensors, calls: _Calls, column: Member, cha
 
 def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], added: dict[str, str]) -> None:
     """Cut the removed channels out of every tensor indexed by them (``added``: biases created since)."""
-    drop: dict[tuple[str, int], set[int]] = {}
+    drop: dict[tuple[str, int], list[torch.Tensor]] = {}   # (tensor, dimension) -> positions removed
     for group, channels in removals:
         for m in group.members:
             names = [m.weight] if m.role == "column" else m.tensors() + [added.get(m.weight)] * (m.role == "row")
+            positions = m.indices(channels)
             for name in filter(None, names):
-                drop.setdefault((name, m.dim), set()).update(m.indices(channels).tolist())
+                drop.setdefault((name, m.dim), []).append(positions)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}   # a tied tensor is cut once, under all its names
     for module in model.modules():
         for leaf, t in [*module._parameters.items(), *module._buffers.items()]:
@@ -371,8 +372,9 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
     for (name, dim), gone in drop.items():
         module, leaf = _owner(model, name)
         old = getattr(module, leaf)
-        keep = torch.tensor([i for i in range(old.shape[dim]) if i not in gone], dtype=torch.long)
-        new = old.detach().index_select(dim, keep.to(old.device))   # a new tensor: shares nothing with old
+        keep = torch.ones(old.shape[dim], dtype=torch.bool)
+        keep[torch.cat(gone)] = False
+        new = old.detach().index_select(dim, keep.nonzero().squeeze(1).to(old.device))   # shares nothing with old
         if leaf in module._parameters:
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for module, leaf in holders.get(id(old), [(module, leaf)]):
