@@ -329,8 +329,8 @@ class _Recorder(TorchDispatchMode):
         paused, self.paused = self.paused, True   # nothing done here is an op of the model
         try:
             node_args = self.nodes_of(args)
-            # made empty, then given its arguments: create_node would search them for symbolic sizes,
-            # which a recording of real tensors has none of (a tenth of the time of a capture)
+            # made empty, then given its arguments: create_node would walk them for symbolic sizes,
+            # which a recording of real tensors has none of
             node = self.graph.call_function(target)
             node.args, node.kwargs = node_args, self.nodes_of(kwargs)
             node.meta["stack_trace"] = _user_line(sys._getframe(2))
