@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 from torch import fx, nn
@@ -10,6 +11,9 @@ from torch import fx, nn
 from .passes.fold_masks import fold_mask, remove_mask_nodes
 from .passes.insert_masks import remove_mask_hooks
 from .sparsify import set_info, sparse_info, unwrap
+
+
+_EMPTY_COPIED = (dict, OrderedDict, set, list)
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -25,6 +29,8 @@ def fold(model: nn.Module) -> nn.Module:
     # nodes (so that each GraphModule generates its code once), each masked weight as its product with
     # the mask (written once), the masks (deleted) and the sparsify info (dropped) not at all.
     memo: dict[int, object] = {id(info): None}
+    for module in model.modules():   # a module's hook dicts, mostly empty: copied without deepcopy's reconstruction
+        memo.update((id(v), type(v)()) for v in vars(module).values() if type(v) in _EMPTY_COPIED and not v)
     folds: dict[str, str] = {}   # mask -> weight, by name from the root
     for prefix, gm in model.named_modules():
         if isinstance(gm, fx.GraphModule):
