@@ -1,7 +1,8 @@
-"""Heads, MLP channels and residual-stream channels that channel pruning removes from HF BERT and ViT, the
-FLOPs and onnxruntime speed reached, next to Torch-Pruning's head pruning on the same models.
+"""Heads, MLP channels and residual-stream channels that channel pruning removes from HF BERT, ViT and GPT-2,
+the FLOPs and onnxruntime speed reached, next to Torch-Pruning's head pruning on the same models.
 
-    python benchmarks/reach.py              # writes benchmarks/results/reach.txt and reach.json
+    python benchmarks/reach.py              # BERT and ViT: writes benchmarks/results/reach.txt and reach.json
+    python benchmarks/reach.py --models gpt2 --out benchmarks/results/reach_gpt2
     python benchmarks/reach.py --models vit --hidden 64 --layers 2 --intermediate 128 --runs 5 --out /tmp/reach
 
 The models (``--models``, default both), random weights, no download:
@@ -10,8 +11,11 @@ The models (``--models``, default both), random weights, no download:
   10 labels);
 - vit: transformers' ViTForImageClassification from a ViTConfig (``--image`` square images, ``--patch``
   patches, 10 labels);
+- gpt2: transformers' GPT2ForSequenceClassification from a GPT2Config (vocabulary 1000, ``--seq`` tokens,
+  10 labels, pad token 0, which the inputs never hold): HF ``Conv1D`` layers and a fused q, k, v
+  projection (``c_attn``);
 
-both with ``--hidden`` 256, ``--layers`` 4, ``--heads`` 4 (of 64 channels) and ``--intermediate`` 1024, and
+all with ``--hidden`` 256, ``--layers`` 4, ``--heads`` 4 (of 64 channels) and ``--intermediate`` 1024, and
 scaled_dot_product_attention (HF's "sdpa"). The classification heads make the models' outputs the logits,
 so the residual stream is free to narrow.
 
@@ -29,7 +33,8 @@ the untrained weights (magnitude ranking: the speed depends on the widths that r
   heads stay whole and only the MLP hidden channels go, to show what pruning heads adds;
 - tp: Torch-Pruning 1.6 MetaPruner, MagnitudeImportance(p=2), per-layer ratios (global_pruning=False),
   num_heads on the q, k, v projections, prune_num_heads=True, prune_head_dims=False,
-  head_pruning_ratio = pruning_ratio = the sparsity, the classifier ignored. It also prunes the residual
+  head_pruning_ratio = pruning_ratio = the sparsity, the classifier ignored (GPT-2 goes through the same
+  call: Torch-Pruning 1.6 has no rule for HF's ``Conv1D``, so its layers stay whole; an error would be a NOTE). It also prunes the residual
   stream (embeddings, LayerNorms, every projection's input), recomputing each LayerNorm over the channels
   left (not exact: its statistics change);
 - tp-keep-residual: the same with the layers that write the residual stream ignored (every linear or conv
@@ -61,19 +66,25 @@ import torch
 import granet_fx as gf
 from granet_fx.export.bench import at_least, machine, positive_list, run
 from granet_fx.export.roofline import SESSION_SETTINGS
+from granet_fx.passes.trace import is_conv1d
+from granet_fx.export.console import first_line
 from granet_fx.report import columns
 
 from common import choices, command, write_outputs
 from speedup import export
 
-MODELS = ("bert", "vit")
+MODELS = ("bert", "vit", "gpt2")
 VARIANTS = ("granet", "granet-keep-residual", "granet-mlp", "tp", "tp-keep-residual")
-STREAM_READER = {"bert": "*pooler*", "vit": "classifier"}   # excluded: the stream stays whole
+STREAM_READER = {"bert": "*pooler*", "vit": "classifier", "gpt2": "score"}   # excluded: the stream stays whole
+ATTENTION = {"bert": "*attention*", "vit": "*attention*", "gpt2": "*attn*"}
 VOCAB = 1000
 CONTROL_TOLERANCE = 0.1      # a NOTE where the dense copy's speedup is further than this from 1
-# per-layer parameter names: the query projection and the MLP's first layer (BERT, then ViT)
+# per-layer parameter names: the query projection and the MLP's first layer (BERT, then ViT), GPT-2's
+# fused q, k, v projection and its MLP's first layer (Conv1D: stored (in, out))
 QUERY = re.compile(r"\.(\d+)\.attention\.(?:self\.query|q_proj)\.weight$")
 MLP_UP = re.compile(r"\.(\d+)\.(?:intermediate\.dense|mlp\.fc1)\.weight$")
+FUSED_QKV = re.compile(r"\.h\.(\d+)\.attn\.c_attn\.weight$")
+CONV1D_UP = re.compile(r"\.h\.(\d+)\.mlp\.c_fc\.weight$")
 PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
 
@@ -92,6 +103,13 @@ def build(name: str, args: argparse.Namespace) -> tuple[str, torch.nn.Module, to
         x = torch.randint(0, VOCAB, (1, args.seq))
         return (f"BERT (transformers BertForSequenceClassification, {shape}, {args.seq} tokens, vocabulary "
                 f"{VOCAB}, 10 labels)", transformers.BertForSequenceClassification(config).eval(), x)
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
+                                         n_inner=args.intermediate, n_positions=args.seq, num_labels=10,
+                                         pad_token_id=0, use_cache=False, attn_implementation="sdpa")
+        x = torch.randint(1, VOCAB, (1, args.seq))
+        return (f"GPT-2 (transformers GPT2ForSequenceClassification, {shape}, {args.seq} tokens, vocabulary "
+                f"{VOCAB}, 10 labels)", transformers.GPT2ForSequenceClassification(config).eval(), x)
     config = transformers.ViTConfig(image_size=args.image, patch_size=args.patch, num_labels=10, **sizes)
     x = torch.randn(1, 3, args.image, args.image)
     tokens = (args.image // args.patch) ** 2 + 1
@@ -109,6 +127,11 @@ def widths(model: torch.nn.Module, head_size: int) -> dict:
             hidden = p.shape[1] if hidden is None else hidden
         elif (m := MLP_UP.search(name)) is not None:
             mlp[int(m[1])] = p.shape[0]
+        elif (m := FUSED_QKV.search(name)) is not None:
+            heads[int(m[1])] = p.shape[1] // (3 * head_size)
+            hidden = p.shape[0] if hidden is None else hidden
+        elif (m := CONV1D_UP.search(name)) is not None:
+            mlp[int(m[1])] = p.shape[1]
         elif name.endswith("pooler.dense.weight"):
             pooler = p.shape[0]
     return {"heads": [heads[i] for i in sorted(heads)], "mlp": [mlp[i] for i in sorted(mlp)], "hidden": hidden,
@@ -122,10 +145,11 @@ def linear_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
     def hook(module, inputs, output):
         nonlocal total
-        total += output.numel() * module.weight[0].numel()   # each output: one row (one filter) of the weight
+        # each output: one row (one filter) of the weight; a Conv1D's weight is (in, out)
+        total += output.numel() * (module.weight.shape[0] if is_conv1d(module) else module.weight[0].numel())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_conv1d(m)]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -157,12 +181,13 @@ def prune_torch_pruning(model: torch.nn.Module, sparsity: float, x: torch.Tensor
         if projections:
             attentions.append(m)
             num_heads.update({p: m.num_attention_heads for p in projections})
-    ignored = [model.classifier]
+    ignored = [getattr(model, "classifier", None) or model.score]
     if keep_residual:   # the layers that write the residual stream: no group is rooted at them
         ignored += [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                     and m not in num_heads and m.weight.shape[0] == hidden]
     # ViT's class token and position embeddings: parameters outside a layer, along the residual channels
-    unwrapped = [(p, p.ndim - 1) for p in model.base_model.embeddings.parameters(recurse=False)]
+    embeddings = getattr(model.base_model, "embeddings", None)   # (GPT-2 has none of its own)
+    unwrapped = [(p, p.ndim - 1) for p in embeddings.parameters(recurse=False)] if embeddings is not None else []
     pruner = tp.pruner.MetaPruner(model, (x,), importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=sparsity, global_pruning=False, num_heads=num_heads,
                                   prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=sparsity,
@@ -184,7 +209,7 @@ def prune(name: str, variant: str, dense: torch.nn.Module, sparsity: float, x: t
     if variant == "granet-keep-residual":
         return prune_granet(model, sparsity, x, (STREAM_READER[name],))
     if variant == "granet-mlp":
-        return prune_granet(model, sparsity, x, ("*attention*", STREAM_READER[name]))
+        return prune_granet(model, sparsity, x, (ATTENTION[name], STREAM_READER[name]))
     return prune_torch_pruning(model, sparsity, x, variant == "tp-keep-residual", hidden)
 
 
@@ -202,7 +227,14 @@ def pruned_files(name: str, dense: torch.nn.Module, x: torch.Tensor, args: argpa
     export(dense, x, files[0]["path"])
     for sparsity in args.sparsity:
         for variant in VARIANTS:
-            model = prune(name, variant, dense, sparsity, x, args.hidden)
+            try:
+                model = prune(name, variant, dense, sparsity, x, args.hidden)
+            except Exception as e:
+                if not variant.startswith("tp"):
+                    raise
+                notes.append(f"NOTE: {name}, sparsity {sparsity}: Torch-Pruning ({variant}) fails: "
+                             f"{type(e).__name__}: {first_line(e)}")
+                continue
             entry = {"sparsity": sparsity, "variant": variant, **widths(model, head_size)}
             if variant.startswith("granet"):
                 report = gf.compaction_report(model)
@@ -237,7 +269,8 @@ def float_list(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=choices(MODELS), default=list(MODELS), help="bert,vit (default both)")
+    parser.add_argument("--models", type=choices(MODELS), default=["bert", "vit"],
+                        help="bert,vit,gpt2 (default bert,vit)")
     parser.add_argument("--sparsity", type=float_list, default=[0.5, 0.75], help="channel sparsities (0.5,0.75)")
     parser.add_argument("--batch", type=positive_list, default=[1, 8], help="batch sizes (default 1,8)")
     parser.add_argument("--threads", type=at_least(1), default=1, help="onnxruntime threads (default 1)")
@@ -247,7 +280,7 @@ def main() -> None:
     parser.add_argument("--layers", type=at_least(1), default=4)
     parser.add_argument("--heads", type=at_least(1), default=4)
     parser.add_argument("--intermediate", type=at_least(1), default=1024)
-    parser.add_argument("--seq", type=at_least(1), default=64, help="BERT tokens (default 64)")
+    parser.add_argument("--seq", type=at_least(1), default=64, help="BERT and GPT-2 tokens (default 64)")
     parser.add_argument("--image", type=at_least(1), default=64, help="ViT image size (default 64)")
     parser.add_argument("--patch", type=at_least(1), default=8, help="ViT patch size (default 8)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "reach"),

@@ -150,7 +150,7 @@ class ChannelMasks:
         """Mask the columns of the channels not kept, and leave them out of the layer norms' statistics."""
         for g, positions, keep in zip(self.groups, self.positions, keeps):
             for c, idx in zip(g.columns, positions):
-                mask = self.tensors[c.mask]
+                mask = c.oriented(self.tensors[c.mask])
                 value = keep.repeat_interleave(c.repeat).to(mask.device)
                 mask[:, idx.to(mask.device)] = value.view(1, -1, *[1] * (mask.dim() - 2)).expand(
                     mask.shape[0], -1, *mask.shape[2:])
@@ -219,7 +219,7 @@ class ChannelMasks:
                 if r.weight in self.masked and r.mask and len(pruned):
                     if r.weight not in effective:
                         effective[r.weight] = self.tensors[r.mask].clone()
-                    effective[r.weight][r.indices(pruned).to(effective[r.weight].device)] = False
+                    r.oriented(effective[r.weight])[r.indices(pruned).to(effective[r.weight].device)] = False
         return {name: int(m.sum()) for name, m in effective.items()}
 
 

@@ -46,6 +46,28 @@ def test_flops_against_a_hand_count(tmp_path):
     assert bench.load(str(tmp_path / "a.onnx")).flops == 2 * 8202
 
 
+def test_flops_where_shape_inference_loses_the_batch(tmp_path):
+    """HF GPT-2's exported attention mask leaves ONNX shape inference without the batch after the first
+    attention: those shapes come from one onnxruntime run instead, and the count is still the hand count."""
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from speedup import export
+
+    config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=16,
+                                     num_labels=10, pad_token_id=0, use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    export(transformers.GPT2ForSequenceClassification(config).eval(), torch.randint(1, 100, (1, 16)),
+           str(tmp_path / "gpt2.onnx"))
+    # 16 tokens; per layer: c_attn 64 -> 192, q k^T and attention x v (4 heads of 16, 16 x 16), c_proj 64 -> 64,
+    # MLP 64 -> 128 -> 64; then the score head 64 -> 10
+    layer = 16 * 64 * 192 + 2 * 4 * 16 * 16 * 16 + 16 * 64 * 64 + 16 * 64 * 128 + 16 * 128 * 64
+    assert bench.load(str(tmp_path / "gpt2.onnx")).flops == 2 * (2 * layer + 16 * 64 * 10)
+
+
 def test_side_by_side_run_table_and_json(tmp_path, capsys):
     small = tiny_model(tmp_path / "small.onnx", channels=2)
     big = tiny_model(tmp_path / "big.onnx", channels=8)

@@ -70,19 +70,18 @@ def test_whole_chain(name, backend, tmp_path):
 
 
 # channel pruning through the command line: models that each needed a fix (GQA's repeat_kv sizes, OPT's
-# flattening reshape and SegFormer's reshape back, written as numbers in the exported graph; EfficientNet's
-# depthwise convolutions with padding="same"), every model of the zoo with -m slow
-CHANNEL_DEFAULT = ("llama", "opt", "efficientnet")
+# flattening reshape and SegFormer's reshape back, written as numbers in the exported graph and rewritten;
+# EfficientNet's depthwise convolutions with padding="same"; GPT-2's Conv1D and fused q, k, v), every model
+# of the zoo with -m slow
+CHANNEL_DEFAULT = ("llama", "gpt2", "efficientnet")
 CHANNEL_CASES = [pytest.param(n, id=n, marks=() if n in CHANNEL_DEFAULT else pytest.mark.slow) for n in ZOO]
-# its only removable channels are grouped-query heads, whose repeat_kv sizes the exported graph writes as numbers
-ONLY_GQA_HEADS = {"mixtral"}
 
 
 @pytest.mark.parametrize("name", CHANNEL_CASES)
 def test_channel_pruned_model_compacts_through_granet_export(name, tmp_path):
     """Channel GraNet (half of every group), gf.save, then ``granet-export --compact`` in a fresh interpreter:
-    it compacts, checks onnxruntime against the masked model, and removes channels where compacting the
-    model in this process does (never more: in the file, sizes written as numbers keep their channels)."""
+    it compacts, checks onnxruntime against the masked model, and removes as many channels as compacting
+    the model in this process does (in the file, the sizes the graph writes as numbers are rewritten)."""
     import re
     import subprocess
     import sys
@@ -106,5 +105,4 @@ def test_channel_pruned_model_compacts_through_granet_export(name, tmp_path):
                           str(tmp_path / "model.onnx"), "--compact"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     removed = int(re.search(r"compaction: removed (\d+) of", run.stdout + run.stderr)[1])
-    assert removed <= removed_here
-    assert (removed > 0) == (removed_here > 0 and name not in ONLY_GQA_HEADS), (removed, removed_here)
+    assert removed == removed_here

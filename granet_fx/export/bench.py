@@ -325,6 +325,9 @@ def count_macs(model) -> int | None:
         t = value.type.tensor_type
         if t.HasField("shape"):
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    unknown = [v for v in [*model.graph.value_info, *model.graph.output]
+               if shapes.get(v.name) is None or None in shapes[v.name]]
+    shapes.update({name: dims for name, (dims, _) in roofline.run_shapes(model, unknown, 1).items()})
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
 

@@ -233,6 +233,8 @@ def _inferred(model: onnx.ModelProto, batch: int):
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if t.HasField("shape") and all(d is not None for d in dims):
             shapes[v.name] = (dims, _BYTES.get(t.elem_type, 4))
+    unknown = [v for v in list(graph.value_info) + list(graph.output) if v.name not in shapes]
+    shapes.update(run_shapes(inferred, unknown, batch))
     constants = set()
     for init in graph.initializer:
         shapes[init.name] = (list(init.dims), _BYTES.get(init.data_type, 4))
@@ -246,6 +248,29 @@ def _inferred(model: onnx.ModelProto, batch: int):
                 elif a.name == "sparse_value":
                     shapes[node.output[0]] = (list(a.sparse_tensor.dims), 4)
     return graph, shapes, constants
+
+
+def run_shapes(model: onnx.ModelProto, values: Sequence[onnx.ValueInfoProto], batch: int) -> dict:
+    """{name: (shape, bytes per element)} of ``values`` of ``model``, found by running it in onnxruntime on
+    random inputs of ``batch`` samples: for the shapes that ONNX shape inference leaves unknown (it loses the
+    batch in HF GPT-2's attention mask, say). Empty if there are none or the model cannot run so."""
+    if not values:
+        return {}
+    import onnxruntime as ort
+
+    from .bench import _feeds
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    for v in values:
+        out = probe.graph.output.add()
+        out.CopyFrom(v)
+        out.type.tensor_type.ClearField("shape")
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        results = session.run([v.name for v in values], _feeds(session, "model", batch))
+    except Exception:
+        return {}
+    return {v.name: (list(r.shape), r.dtype.itemsize) for v, r in zip(values, results)}
 
 
 def _fused_inputs(graph) -> dict[int, str]:

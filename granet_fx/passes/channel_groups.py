@@ -28,6 +28,7 @@ statistics over the kept channels only (``layer_norms``).
 from __future__ import annotations
 
 import functools
+import itertools
 import linecache
 import math
 import operator
@@ -60,6 +61,7 @@ _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_traini
 _CHANNELWISE = {
     aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
     aten.detach.default, aten.feature_dropout.default, aten._to_copy.default, aten.to.dtype,
+    aten.to.dtype_layout, aten.to.device, aten.to.other,
 }
 # Pooling and resizing over the last k dimensions: channel-wise too.
 _SPATIAL = {
@@ -75,6 +77,9 @@ _SPATIAL = {
     aten.upsample_bilinear2d.default: 2,
 }
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+# Splits into a tuple of pieces, read by getitem: (self, one size or a list of sizes, dim).
+_SPLITS = {aten.split.Tensor, aten.unsafe_split.Tensor, aten.split_with_sizes.default,
+           aten.unsafe_split_with_sizes.default}
 _TRANSPOSES = {aten.transpose.int, aten.permute.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 # Ops whose output 0 (read by getitem) carries the layout.
@@ -89,7 +94,8 @@ class Member:
 
     ``role`` is "row" (a conv/linear weight's output channels, dimension 0, with
     its bias and mask), "column" (the input channels of a layer that reads the
-    group, dimension 1), "norm" (a batch norm's scale, shift and running stats;
+    group, dimension 1; the two swap for a ``transposed`` weight, stored (in, out)
+    like that of HF's ``Conv1D``), "norm" (a batch norm's scale, shift and running stats;
     a layer norm's scale and shift, with its ``keep`` buffer as ``mask`` once
     ``sparsify`` has masked it) or "param" (a parameter or buffer indexed by the
     channels along dimension ``axis``: it is only sliced).
@@ -110,10 +116,20 @@ class Member:
     node_dim: int = 1         # a column: the dimension of that node that holds the channels
     layer_norm: bool = False  # a norm: a layer norm, whose statistics read every channel it keeps
     axis: int = 0             # a param: the dimension that holds the channels
+    transposed: bool = False  # a row or column of a weight stored (in, out), read by addmm
+    split: int = 0            # a row: the layer's output is split by the model's code into this many equal pieces
 
     @property
     def dim(self) -> int:
+        """The dimension of the member's tensors that holds the channels."""
+        if self.transposed:
+            return 0 if self.role == "column" else 1
         return 1 if self.role == "column" else self.axis
+
+    def oriented(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the member's weight, mask or gradient) as a view laid out (out, in, ...), as conv and
+        linear weights are: rows are its dimension 0, columns its dimension 1."""
+        return t.t() if self.transposed else t
 
     def tensors(self) -> list[str]:
         return [t for t in (self.weight, self.bias, self.mask, self.mean, self.var) if t]
@@ -126,10 +142,11 @@ class Member:
     def channels(self, t: torch.Tensor, size: int) -> torch.Tensor:
         """``t`` (this member's weight, mask or gradient) cut to the ``size`` channels of its group,
         one row per channel: a row's output channels, a column's input channels."""
+        t = self.oriented(t)
         if self.role == "column":
             t = t.index_select(1, self.indices(torch.arange(size)).to(t.device)).movedim(1, 0)
         else:
-            t = t.movedim(self.dim, 0).narrow(0, self.offset, size * self.repeat)   # a head's rows are consecutive
+            t = t.movedim(self.axis, 0).narrow(0, self.offset, size * self.repeat)   # a head's rows are consecutive
         return t.reshape(size, -1)
 
 
@@ -140,6 +157,9 @@ class ChannelGroup:
     size: int
     members: list[Member] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)  # why these channels must stay; empty if they may go
+    # channel counts that a graph which is the model's code writes as numbers (``find_groups(literal=True)``):
+    # (node, argument, position in it or None, by how much it shrinks per channel removed)
+    literals: list[tuple[str, int, int | None, int]] = field(default_factory=list)
 
     @property
     def rows(self) -> list[Member]:
@@ -451,19 +471,20 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """The channel groups of ``model`` on ``example_inputs`` (a tensor or a tuple)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return find_groups(capture(model, example_inputs))
+    return pin_fixed_splits(model, find_groups(capture(model, example_inputs)))
 
 
 def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, int]:
-    """For each conv/linear weight of a captured or exported graph, the output positions it computes (batch x
-    spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
+    """For each conv/linear weight (addmm's too) of a captured or exported graph, the output positions it
+    computes (batch x spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
     positions: dict[str, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and (node.target in _CONVS or node.target is aten.linear.default):
-            weight = _weight_of(node.args[1])
+        if node.op == "call_function" and (node.target in _CONVS or node.target in (aten.linear.default,
+                                                                                   aten.addmm.default)):
+            weight = _weight_of(node.args[2 if node.target is aten.addmm.default else 1])
             if weight is not None and _is_tensor(node):
                 out = _val(node)
-                channels = out.shape[-1 if node.target is aten.linear.default else 1]
+                channels = out.shape[1 if node.target in _CONVS else -1]
                 positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels
     return positions
 
@@ -515,6 +536,9 @@ class _Analysis:
         self.layouts: dict[fx.Node, _Layout | None] = {}
         self.members: list[tuple[Member, _Layout]] = []
         self.indexed: dict[tuple[str, int], _Layout] = {}
+        self.pieces: dict[fx.Node, list[_Layout | None]] = {}   # a split's node -> the layout of each piece
+        # channel counts written as numbers, in literal mode: (node, argument, position or None, their layout)
+        self.literals: list[tuple[fx.Node, int, int | None, _Layout]] = []
 
     # Spaces and their edges -------------------------------------------------
     def new_space(self, name: str, size: int, dim: int) -> _Layout:
@@ -567,6 +591,8 @@ class _Analysis:
             return self.conv(node)
         if t is aten.linear.default:
             return self.linear(node)
+        if t is aten.addmm.default:
+            return self.addmm(node)
         if t in _BATCH_NORMS:
             return self.batch_norm(node)
         if t is aten.embedding.default:
@@ -575,6 +601,8 @@ class _Analysis:
             source = node.args[0]
             if isinstance(source, fx.Node) and source.target in _TUPLE_OUTPUTS and node.args[1] == 0:
                 return self.layouts.get(source)
+            if source in self.pieces:
+                return self.pieces[source][node.args[1]]
             return None
         if not _is_tensor(node) and not isinstance(_val(node), (tuple, list)):
             return None  # sizes and other non-tensor values
@@ -583,6 +611,8 @@ class _Analysis:
             return None
         if t in _CHANNELWISE:
             return self.layouts[node.args[0]]
+        if t in _SPLITS:
+            return self.split_pieces(node)
         if t in _SPATIAL:
             layout = self.layouts[node.args[0]]
             if layout.dim < _val(node.args[0]).dim() - _SPATIAL[t]:
@@ -663,9 +693,36 @@ class _Analysis:
                                 layout)
             else:
                 self.pin(layout, f"feeds {_describe(node)} along another dimension")
-        out = self.new_space(weight[0], _val(node.args[1]).shape[0], _val(node).dim() - 1)
-        self.add_member(Member("row", weight[0], bias_name, weight[1]), out)
+        out = self.layer_output(node, weight[0], _val(node.args[1]).shape[0], _val(node).dim() - 1)
+        self.add_member(Member("row", weight[0], bias_name, weight[1], split=_pieces(out)), out)
         return out
+
+    def addmm(self, node: fx.Node) -> _Layout | None:
+        """``addmm(bias, x, weight)`` with a weight stored (in, out): HF's ``Conv1D`` (GPT-2), a linear layer."""
+        bias, x, mat2 = node.args[:3]
+        weight, bias_name = _weight_of(mat2), _weight_of(bias)
+        if weight is None or bias_name is None or _val(bias).dim() != 1 or _val(x).dim() != 2 \
+                or any(_arg(node, i, k, 1) != 1 for i, k in ((3, "beta"), (4, "alpha"))):
+            return self.unknown(node)
+        layout = self.layouts.get(x)
+        if layout is not None:
+            if layout.dim == 1:
+                self.add_member(Member("column", weight[0], bias_name[0], weight[1], node=x.name, node_dim=1,
+                                       transposed=True), layout)
+            else:
+                self.pin(layout, f"feeds {_describe(node)} along another dimension")
+        out = self.layer_output(node, weight[0], _val(mat2).shape[1], 1)
+        self.add_member(Member("row", weight[0], bias_name[0], weight[1], transposed=True, split=_pieces(out)), out)
+        return out
+
+    def layer_output(self, node: fx.Node, name: str, size: int, dim: int) -> _Layout:
+        """A layer's output channels: one space, or one space per piece where the model's code splits them
+        into equal pieces (a fused query-key-value projection), so that each piece finds its own partners."""
+        cuts = _split_points(node, dim)
+        if len(cuts) < 2 or cuts[-1] != size or len(set(b - a for a, b in zip([0, *cuts], cuts))) != 1:
+            return self.new_space(name, size, dim)
+        return _Layout(dim, tuple(self.new_space(f"{name} [{a}:{b}]", b - a, dim).segments[0]
+                                  for a, b in zip([0, *cuts], cuts)))
 
     def batch_norm(self, node: fx.Node) -> _Layout | None:
         layout = self.layouts.get(node.args[0])
@@ -728,6 +785,29 @@ class _Analysis:
         self.add_member(Member("param", node.target, axis=axis), layout)
         return True
 
+    def split_pieces(self, node: fx.Node) -> None:
+        """A split into pieces (read by getitem): along another dimension each piece has the channels;
+        along the channels each piece must be whole segments (see ``layer_output``)."""
+        layout = self.layouts[node.args[0]]
+        d = _arg(node, 2, "dim", 0) % _val(node.args[0]).dim()
+        widths = [t.shape[d] for t in _val(node)]
+        if d != layout.dim:
+            self.pieces[node] = [layout] * len(widths)
+            return None
+        starts = [0, *itertools.accumulate(widths)]
+        pieces = [_piece(layout, a, b) for a, b in zip(starts, starts[1:])]
+        if any(p is None for p in pieces):
+            return self.unknown(node)
+        if self.literal:
+            if isinstance(node.args[1], int):      # one size for every piece: they lose the same channels
+                for p in pieces[1:]:
+                    self.couple(pieces[0], p, f"pieces of different channels in {_describe(node)}")
+                self.literals.append((node, 1, None, pieces[0]))
+            else:
+                self.literals += [(node, 1, i, p) for i, p in enumerate(pieces)]
+        self.pieces[node] = pieces
+        return None
+
     def select(self, node: fx.Node) -> _Layout | None:
         """One position along another dimension (a class token): the channels stay."""
         layout = self.layouts[node.args[0]]
@@ -738,7 +818,7 @@ class _Analysis:
     def reshape(self, node: fx.Node) -> _Layout | None:
         out = self._reshape(node)
         if out is not None and self.literal and not _inferred(node, out.dim):
-            return self.unknown(node, "fixes the number of channels in")   # a size the compacted graph keeps
+            self.literals.append((node, 1, out.dim, out))     # a number compact rewrites
         return out
 
     def _reshape(self, node: fx.Node) -> _Layout | None:
@@ -749,7 +829,7 @@ class _Analysis:
             return layout                                            # only dimensions after the channels change
         if len(after) == d + 1 and after[:d] == before[:d] and after[d] == math.prod(before[d:]):
             inner = math.prod(before[d + 1:])                        # a flatten of the channels and what follows
-            if any(s.unit > 1 for s in layout.segments) and not _inferred(node, d):
+            if any(s.unit > 1 for s in layout.segments) and not _inferred(node, d) and not self.literal:
                 return self.unknown(node, "fixes the width of the merged heads in")
             return _Layout(d, tuple(replace(s, repeat=s.repeat * inner) for s in layout.segments))
         tail = before[d:]
@@ -771,7 +851,7 @@ class _Analysis:
         space = self.graph.nodes[segment.space]
         if segment.repeat != 1 or segment.unit != 1 or space["unit"] not in (1, width):
             return self.unknown(node)
-        if not _inferred(node, dim):
+        if not _inferred(node, dim) and not self.literal:
             return self.unknown(node, "fixes the number of heads in")   # the compacted model would keep it
         space["unit"] = width
         return _Layout(dim, (replace(segment, size=heads, unit=width),))
@@ -797,9 +877,12 @@ class _Analysis:
         layout = self.layouts[node.args[0]]
         before, after = _val(node.args[0]).shape, _val(node).shape
         d = layout.dim + len(after) - len(before)
+        if after[d] != before[layout.dim]:
+            return self.unknown(node)
+        out = _Layout(d, layout.segments)
         if self.literal and node.args[1][d] != -1:
-            return self.unknown(node, "fixes the number of channels in")   # a size the compacted graph keeps
-        return _Layout(d, layout.segments) if after[d] == before[layout.dim] else self.unknown(node)
+            self.literals.append((node, 1, d, out))           # a number compact rewrites
+        return out
 
     def attention(self, node: fx.Node) -> _Layout | None:
         """scaled_dot_product_attention: the heads of query, key and value line up, and the output's
@@ -882,6 +965,24 @@ class _Analysis:
         return result
 
     # Components --------------------------------------------------------------
+    def literal_size(self, node: fx.Node, index: int, position: int | None, layout: _Layout,
+                     by_space: dict[str, ChannelGroup], units_of: dict[str, int]) -> None:
+        """A channel count written as a number: each group of its layout learns by how much it shrinks per
+        channel removed; if the number is not what the groups add up to, they are pinned."""
+        factors: dict[int, int] = {}
+        for s in layout.segments:
+            key = id(by_space[s.space])
+            factors[key] = factors.get(key, 0) + s.repeat * units_of[s.space] // s.unit
+        groups = {id(g): g for g in by_space.values()}
+        value = _literal(node, index, position)
+        exact = all(units_of[s.space] % s.unit == 0 for s in layout.segments) and isinstance(value, int) \
+            and value == sum(f * groups[k].size for k, f in factors.items())
+        for key, factor in factors.items():
+            if exact:
+                groups[key].literals.append((node.name, index, position, factor))
+            elif f"fixes the number of channels in {_describe(node)}" not in groups[key].pinned:
+                groups[key].pinned.append(f"fixes the number of channels in {_describe(node)}")
+
     def groups(self) -> list[ChannelGroup]:
         order = {space: i for i, space in enumerate(self.graph.nodes)}
         by_space: dict[str, ChannelGroup] = {}
@@ -902,12 +1003,80 @@ class _Analysis:
             for s in spaces:
                 group.pinned += [r for r in self.graph.nodes[s]["pinned"] if r not in group.pinned]
                 by_space[s] = group
+        for node, index, position, layout in self.literals:
+            self.literal_size(node, index, position, layout, by_space, units_of)
         for member, layout in self.members:
             for offset, segment in layout.with_offsets():
                 # a group's channel is ``unit`` channels of each space (a head): entries of the segment
                 repeat = segment.repeat * units_of[segment.space] // segment.unit
                 by_space[segment.space].members.append(replace(member, offset=offset, repeat=repeat))
         return groups
+
+
+def _literal(node: fx.Node, index: int, position: int | None) -> Any:
+    value = node.args[index]
+    return value if position is None else value[position]
+
+
+def _split_points(node: fx.Node, dim: int) -> list[int]:
+    """Where the model's code splits dimension ``dim`` of ``node`` into pieces (the ends of the pieces), through
+    views that keep it the last dimension; [] if it does not."""
+    for user in node.users:
+        if user.target in _SPLITS and _is_tensor(node) and _arg(user, 2, "dim", 0) % _val(node).dim() == dim:
+            return list(itertools.accumulate(t.shape[dim] for t in _val(user)))
+        if user.target in _RESHAPES and _is_tensor(user) and dim == _val(node).dim() - 1 \
+                and _val(user).shape[-1] == _val(node).shape[-1]:
+            cuts = _split_points(user, _val(user).dim() - 1)
+            if cuts:
+                return cuts
+    return []
+
+
+def _pieces(layout: _Layout) -> int:
+    """The number of pieces a layer's output is split into (see ``layer_output``), 0 for one space."""
+    return len(layout.segments) if len(layout.segments) > 1 else 0
+
+
+def _piece(layout: _Layout, start: int, end: int) -> _Layout | None:
+    """Positions ``start`` to ``end`` along the channels of ``layout``, if they are whole segments."""
+    inside = tuple(s for o, s in layout.with_offsets() if start <= o and o + s.size * s.repeat <= end)
+    return _Layout(layout.dim, inside) if inside and sum(s.size * s.repeat for s in inside) == end - start else None
+
+
+def split_owner(model: nn.Module, weight: str) -> nn.Module | None:
+    """The module that splits the output of layer ``weight`` by its attribute ``split_size`` (one piece's
+    width), as HF's GPT-2 attention splits its fused ``c_attn``: the layer's parent, if it has one."""
+    parent = weight.rpartition(".")[0].rpartition(".")[0]
+    try:
+        owner = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    # a traced parent's code holds the size as a number
+    return owner if isinstance(getattr(owner, "split_size", None), int) and not isinstance(owner, fx.GraphModule) \
+        else None
+
+
+def pin_fixed_splits(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Pin the groups of a split layer's pieces unless ``compact`` can rewrite the split: every piece must lose
+    the same channels (all in one group) and the piece width must be an attribute it knows (``split_attribute``)."""
+    where: dict[str, set[int]] = {}
+    for g in groups:
+        for r in g.rows:
+            if r.split:
+                where.setdefault(r.weight, set()).add(id(g))
+    for g in groups:
+        for r in g.rows:
+            if r.split and (len(where[r.weight]) > 1
+                            or getattr(split_owner(model, r.weight), "split_size", None) != _width(model, r)):
+                reason = f"the model's code splits the output of {r.weight} at sizes compaction cannot change"
+                if reason not in g.pinned:
+                    g.pinned.append(reason)
+    return groups
+
+
+def _width(model: nn.Module, row: Member) -> int:
+    """The width of one piece of a split row's layer output."""
+    return model.get_parameter(row.weight).shape[row.dim] // row.split
 
 
 def _describe(node: fx.Node) -> str:

@@ -42,8 +42,12 @@ from torch.utils import _pytree as pytree
 
 from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
-from .channel_groups import Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors
+from .channel_groups import (
+    Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors, pin_fixed_splits,
+    split_owner,
+)
 from .layer_norms import unmask_layer_norms
+from .trace import is_conv1d
 from .ops import WEIGHT_OPS, weight_operand
 
 # Conv/linear calls whose arguments may need rewriting: torch-level (traced by sparsify) and aten-level
@@ -107,10 +111,16 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
         vars(new).pop(name, None)
     new.eval()
-    graph = capture(new, inputs, values=True)
+    # a GraphModule not made by sparsify (an ExportedProgram's module) is its own code: its sizes are numbers,
+    # which are rewritten where the graph analysed is that code (an aten graph with its values' shapes)
+    code = isinstance(model, fx.GraphModule) and getattr(model, INFO_ATTR, None) is None
+    graph = _with_values(new, inputs) if code and _typed(new) else capture(new, inputs, values=True)
     reference = graph.outputs if graph.exported is None else _run(new, inputs)
-    # a GraphModule not made by sparsify (an ExportedProgram's module) is its own code: its sizes are numbers
-    groups = find_groups(graph, literal=isinstance(model, fx.GraphModule) and getattr(model, INFO_ATTR, None) is None)
+    groups = find_groups(graph, literal=code) if code else pin_fixed_splits(new, find_groups(graph))
+    if graph.exported is not new:
+        for g in groups:
+            if g.literals:
+                g.pinned.append("the model's code writes their number")
     tensors = named_tensors(new)
     positions = layer_positions(graph)
     macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
@@ -132,6 +142,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
             _fold_constant(new, tensors, calls, column, channel, constants, added, changed)
         _slice(new, removals, added)
     _fix_sizes(new, removals, calls, changed)
+    _rewrite_literals(new, removals, changed)
     changed.update((id(gm), gm) for gm in unmask_layer_norms(new, recompile=False))
     for gm in changed.values():
         gm.recompile()
@@ -233,6 +244,8 @@ class _NonZero:
     def __call__(self, member: Member, size: int) -> torch.Tensor:
         """For each of the group's ``size`` channels, whether ``member``'s weight has a non-zero entry for it."""
         rows, columns = self.of(member.weight)
+        if member.transposed:      # a weight stored (in, out)
+            rows, columns = columns, rows
         if member.role == "column":
             return columns[member.indices(torch.arange(size)).to(columns.device)].view(size, -1).any(1).cpu()
         return rows.narrow(0, member.offset, size * member.repeat).view(size, -1).any(1).cpu()
@@ -333,7 +346,7 @@ def _fold_constant(model: nn.Module, tensors, calls: _Calls, column: Member, cha
                    added: dict[str, str], changed: dict[int, fx.GraphModule]) -> None:
     """Add what ``column``'s layer computes from constant inputs at ``channel`` to its bias
     (creating the bias if the layer has none; ``added`` records it, ``changed`` the graphs rewritten)."""
-    w = tensors[column.weight]
+    w = column.oriented(tensors[column.weight])
     cols = w.index_select(1, column.indices(torch.tensor([channel])).to(w.device))   # (out, repeat, *kernel)
     contribution = (cols.reshape(*cols.shape[:2], -1).sum(2) * constants.to(w)).sum(1)
     bias = column.bias or added.get(column.weight)
@@ -362,8 +375,8 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
         for m in group.members:
             names = [m.weight] if m.role == "column" else m.tensors() + [added.get(m.weight)] * (m.role == "row")
             positions = m.indices(channels)
-            for name in filter(None, names):
-                drop.setdefault((name, m.dim), []).append(positions)
+            for name in filter(None, names):   # a bias is one-dimensional
+                drop.setdefault((name, m.dim if name in (m.weight, m.mask) else 0), []).append(positions)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}   # a tied tensor is cut once, under all its names
     for module in model.modules():
         for leaf, t in [*module._parameters.items(), *module._buffers.items()]:
@@ -384,9 +397,12 @@ def _slice(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], 
 def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], calls: _Calls,
                changed: dict[int, fx.GraphModule]) -> None:
     """Set ``groups`` of depthwise convs to their new channel count (``changed``: the graphs rewritten),
-    and the modules' size attributes."""
+    the width of split pieces (``split_owner``), and the modules' size attributes."""
     for group, _ in removals:
         for r in group.rows:
+            owner = split_owner(model, r.weight) if r.split else None
+            if owner is not None:     # (in a graph that is the model's code, the split's sizes are literals)
+                owner.split_size = model.get_parameter(r.weight).shape[r.dim] // r.split
             if not r.depthwise:
                 continue
             channels = model.get_parameter(r.weight).shape[0]
@@ -408,6 +424,51 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
             m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
         elif isinstance(m, nn.LayerNorm) and m.weight is not None and len(m.normalized_shape) == 1:
             m.normalized_shape = tuple(m.weight.shape)
+        elif is_conv1d(m):
+            m.nx, m.nf = m.weight.shape
+
+
+def _typed(gm: fx.GraphModule) -> bool:
+    """Whether every value of ``gm``'s graph has its shape recorded (``meta["val"]``), as export leaves it."""
+    return all("val" in n.meta for n in gm.graph.nodes
+               if n.op in ("placeholder", "get_attr", "call_function") and n.users)
+
+
+def _with_values(gm: fx.GraphModule, inputs: tuple) -> Capture:
+    """``gm``'s own graph, each value's ``meta["val"]`` replaced by the tensor it holds on ``inputs``
+    (an exported graph's are symbolic where its batch is dynamic)."""
+
+    class Values(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node.op != "output":
+                node.meta["val"] = out
+            return out
+
+    with torch.no_grad():
+        Values(gm).run(*inputs)
+    return Capture(gm.graph, exported=gm)
+
+
+def _rewrite_literals(gm: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]],
+                      changed: dict[int, fx.GraphModule]) -> None:
+    """Shrink the channel counts that the graph of ``gm``, the model's code, writes as numbers
+    (``changed``: the graphs rewritten)."""
+    shrink: Counter[tuple[str, int, int | None]] = Counter()
+    for group, removed in removals:
+        for name, index, position, factor in group.literals:
+            shrink[name, index, position] += factor * len(removed)
+    if not shrink:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for (name, index, position), by in shrink.items():
+        node = nodes[name]
+        value = node.args[index]
+        if position is None:
+            node.update_arg(index, value - by)
+        else:
+            node.update_arg(index, [v - by if i == position else v for i, v in enumerate(value)])
+    changed[id(gm)] = gm
 
 
 def _max_abs_error(expected: Any, actual: Any) -> float:

@@ -12,6 +12,10 @@ fx cannot trace becomes an opaque leaf of its parent's graph and is then
 traced on its own, down to single conv/linear layers if need be. Every
 conv/linear that runs through ``Module.__call__`` ends up in some graph.
 
+HF's ``Conv1D`` (GPT-2) is traced with a forward that reads its output width
+off its weight: its own code reads the attribute ``nf``, which fx would write
+into the graph as a number that compaction could not change.
+
 Modules chosen to be kept (``keep``) stay calls in their parent's graph and
 are traced on their own, so that wrappers working on module calls (FSDP2's
 ``fully_shard``, activation checkpointing) still see them.
@@ -23,6 +27,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -76,6 +81,36 @@ class _Tracer(fx.Tracer):
             raise
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is HF's ``Conv1D``: a linear layer with its weight stored (in, out), ``nx`` by ``nf``."""
+    weight = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+        and all(isinstance(getattr(m, a, None), int) for a in ("nx", "nf"))
+
+
+def _conv1d_forward(self, x):
+    """What HF's ``Conv1D.forward`` computes, with the output width read off the weight."""
+    out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+    return out.view(x.size()[:-1] + (self.weight.size(1),))
+
+
+@contextlib.contextmanager
+def _conv1d_sized_by_weight(module: nn.Module) -> Iterator[None]:
+    """While tracing, the ``Conv1D`` classes in ``module`` run ``_conv1d_forward``."""
+    classes = {type(m) for m in module.modules() if is_conv1d(m)}
+    saved = {c: c.__dict__["forward"] for c in classes if "forward" in c.__dict__}
+    for c in classes:
+        c.forward = _conv1d_forward
+    try:
+        yield
+    finally:
+        for c in classes:
+            if c in saved:
+                c.forward = saved[c]
+            else:
+                del c.forward
+
+
 def has_weight_modules(module: nn.Module) -> bool:
     """True when ``module`` may run a weight op: it holds a parameter of two or more
     dimensions (a conv/linear weight, or one that ``addmm`` uses like HF's ``Conv1D``)."""
@@ -108,7 +143,7 @@ def _trace_graph(module: nn.Module, keep=None) -> tuple[fx.Graph, set[str]] | No
         for mode in (True, False):
             tracer = _Tracer(opaque, keep)
             try:
-                with training_mode(module, mode):
+                with training_mode(module, mode), _conv1d_sized_by_weight(module):
                     graphs.append(tracer.trace(module))
             except Exception:
                 culprit = tracer.failed_in
