@@ -151,3 +151,34 @@ def test_gpt2_loses_whole_heads_and_mlp_channels_in_gf_compact():
         assert small.get_submodule(f"transformer.h.{layer}.mlp.c_fc").weight.shape[1] == 64
     with torch.no_grad():
         torch.testing.assert_close(small(x).logits, sparse(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_granet_with_regrowth_keeps_whole_fused_heads_and_compacts_to_them():
+    """Channel GraNet (pruning and gradient regrowth) on GPT-2's layout: at every step each head is masked
+    whole in c_proj's rows, the weights it reads are zero, and the compacted model computes attention over
+    the kept heads by hand."""
+    torch.manual_seed(0)
+    model = FusedAttention(dim=16, width=4)
+    config = gf.GraNetConfig(method="granet", granularity="channel", final_sparsity=0.5, total_steps=12,
+                             prune_end=8, update_every=2)
+    sparse = gf.sparsify(model, config, example_inputs=(torch.randn(2, 5, 16),))
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.05)
+    granet = gf.GraNet(sparse, optimizer)
+    for _ in range(12):
+        x = torch.randn(4, 5, 16)
+        F.mse_loss(sparse(x), x.flip(1)).backward()
+        optimizer.step()
+        granet.step()
+        optimizer.zero_grad()
+        rows = sparse.get_buffer("c_proj.weight_mask").view(4, 4, 16)      # (head, channel of the head, out)
+        assert bool((rows == rows[:, :1, :1]).all()), "a head is masked only in part"
+    kept = sparse.get_buffer("c_proj.weight_mask")[:, 0].view(4, 4)[:, 0]
+    assert int(kept.sum()) == 2
+    assert sparse.get_parameter("c_proj.weight")[~kept.repeat_interleave(4)].abs().sum() == 0
+    x = torch.randn(3, 5, 16)
+    small = gf.compact(sparse, x)
+    assert small.split_size == 8 and tuple(small.c_attn.weight.shape) == (16, 24)
+    folded = FusedAttention(dim=16, width=4)
+    folded.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.endswith("_mask")})
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), by_hand(folded, x, kept.nonzero().squeeze(1).tolist()))
