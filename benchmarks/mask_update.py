@@ -311,8 +311,9 @@ def report(data: dict) -> str:
 # criteria functions timed inside them; those the controller at hand lacks are skipped.
 PHASES = ("_prune", "_regrow", "_pruned", "_regrown", "_update", "_zero", "apply_masks", "_count",
           "_count_active", "_gradient_size")
-CRITERIA = ("prune_global", "drop_smallest", "grow_largest")                  # as the controller calls them
-INTERNALS = ("_pick", "_keep_above", "_kth_smallest", "_bracket", "_best")   # inside granet_fx.criteria
+CRITERIA = ("prune_global", "prune_global_counted", "drop_smallest", "grow_largest")   # as the controller calls them
+# inside granet_fx.criteria; the calls of _pass count the selection passes (over every tensor given) per update
+INTERNALS = ("_pick", "_pass", "_bracket", "_best")
 
 
 class Timers:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
-from .criteria import drop_smallest, grow_largest, prune_global, prune_gradient_first
+from .criteria import drop_smallest, grow_largest, prune_global_counted, prune_gradient_first
 from .distributed import comm_for, is_sharded, local, row_offset, shard_like
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
@@ -242,7 +242,7 @@ class GraNet:
             if c.method == "fggp":
                 new = prune_gradient_first(scores, grads, masks, keep, c.select_ratio, comm)
             else:
-                new = prune_global(weights, masks, keep, comm, counts, magnitude=True)
+                return prune_global_counted(weights, masks, keep, comm, counts, magnitude=True)
             return new, comm.sum([int(torch.count_nonzero(m)) for m in new])
         new, after = [], []
         for i, (w, m, n0, nf) in enumerate(zip(weights, masks, self._start_counts, self._final_counts)):
@@ -385,9 +385,9 @@ class GraNet:
 
 # Zeroing where a mask is False: multiplying the bits of each value, seen as integers of its size, by the
 # mask as 0/1 integers keeps every kept value bit for bit and writes +0.0 elsewhere, like masked_fill_,
-# at half its time; the mask goes through a slice-sized buffer.
+# at half its time; the mask goes through a buffer of one slice (a quarter million entries: it stays in cache).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_SLICE = 1 << 22
+_SLICE = 1 << 18
 
 
 def _zero_where_not(tensors: list[torch.Tensor], mask: torch.Tensor) -> None:

@@ -118,14 +118,21 @@ def prune_global(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     left; ``keep`` is raised to the number of layers with an active entry if smaller.
     ``counts``: the active entries of each mask over all ranks, when already known.
     """
+    return prune_global_counted(scores, masks, keep, comm, counts, magnitude)[0]
+
+
+def prune_global_counted(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int,
+                         comm: Comm = LOCAL, counts: Sequence[int] | None = None,
+                         magnitude: bool = False) -> tuple[list[torch.Tensor], list[int]]:
+    """``prune_global``, and the active entries each new mask keeps over all ranks (not counted again)."""
     counts = _counts(masks, comm) if counts is None else list(counts)
     keep = max(keep, sum(c > 0 for c in counts))
     n_drop = sum(counts) - keep
     if n_drop <= 0:
-        return [m.clone() for m in masks]
+        return [m.clone() for m in masks], counts
     return _drop_keeping_every_layer(
         scores, masks, counts, lambda pool, n: _pick(scores, pool, n_drop, n, comm, magnitude=magnitude),
-        comm, magnitude)
+        comm, magnitude, counted=True)
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -168,35 +175,49 @@ def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
 
 
 def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm,
-                              magnitude: bool = False) -> list[torch.Tensor]:
+                              magnitude: bool = False, counted: bool = False):
     """``masks`` without the entries that ``choose(pool, active count)`` picks (flat bool masks, and how
     many each marks on this rank); should that empty a mask, every mask keeps its best-scored entry and
-    ``choose`` picks from the others."""
+    ``choose`` picks from the others. ``counted``: also the active entries left in each, over all ranks."""
     picked, mine = choose(masks, sum(counts))
-    if not all(g < c for g, c in zip(comm.sum(mine), counts) if c):
+    gone = comm.sum(mine)
+    if not all(g < c for g, c in zip(gone, counts) if c):
         rest = _without(masks, _best(scores, masks, counts, comm, magnitude))
-        picked, _ = choose(rest, sum(counts) - sum(c > 0 for c in counts))
-    return [_minus(m, p) for m, p in zip(masks, picked)]
+        picked, mine = choose(rest, sum(counts) - sum(c > 0 for c in counts))
+        gone = comm.sum(mine)
+    new = [_minus(m, p) for m, p in zip(masks, picked)]
+    return (new, [c - g for c, g in zip(counts, gone)]) if counted else new
 
 
 def _minus(mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """``mask`` without the entries of the flat bool ``picked`` (which it reuses: a new tensor)."""
-    return picked.logical_not_().logical_and_(mask.reshape(-1)).view(mask.shape)
+    """``mask`` without the entries of the flat bool ``picked`` (which it reuses: a new tensor); for
+    bools ``mask > picked`` is ``mask and not picked``, in one op."""
+    return torch.gt(mask.reshape(-1), picked, out=picked).view(mask.shape)
 
 
 def _best(scores, masks, counts: Sequence[int], comm: Comm, magnitude: bool = False) -> list[torch.Tensor | None]:
     """Per mask with an active entry, the flat index (a one-entry tensor, on the rank that holds it; None
     elsewhere) of the active entry with the largest score, the last one among equals."""
+    longest = min(CHUNK, max((s.numel() for s in scores), default=0))
+    buffer = torch.empty(longest, device=masks[0].device if masks else None)
     local = []
     for s, m in zip(scores, masks):
         s, m = s.detach().reshape(-1), m.reshape(-1)
-        top, index = torch.tensor(-math.inf), None
-        for at, key in _slices(s, magnitude):
-            key = torch.where(m[at:at + len(key)], key, -math.inf)
+        # Each slice's largest active key; the slice that holds the answer is the last one whose largest
+        # is at least those before it (a slice without active entries: -inf at an inactive last entry).
+        starts = range(0, s.numel(), CHUNK)
+        tops = [torch.where(m[at:at + CHUNK], _key(s[at:at + CHUNK], magnitude, buffer), -math.inf).amax()
+                for at in starts]
+        top, chosen = -math.inf, None
+        for at, value in zip(starts, torch.stack(tops).tolist() if tops else []):
+            if value >= top and (value > -math.inf or bool(m[min(at + CHUNK, m.numel()) - 1])):
+                top, chosen = value, at
+        index = None
+        if chosen is not None:
+            key = torch.where(m[chosen:chosen + CHUNK], _key(s[chosen:chosen + CHUNK], magnitude, buffer), -math.inf)
             last = len(key) - 1 - int(key.flip(0).argmax())   # argmax: the first maximum of the flipped
-            if key[last] >= top and m[at + last]:
-                top, index = key[last], torch.tensor([at + last], device=m.device)
-        local.append((top, index))
+            index = torch.tensor([chosen + last], device=m.device)
+        local.append((torch.tensor(top), index))
     table = comm.table(torch.stack([t for t, _ in local]).double())   # (world, masks)
     best = []
     for u, ((_, index), c) in enumerate(zip(local, counts)):
@@ -242,26 +263,7 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = L
 # Exact selection without sorting --------------------------------------------------
 
 SAMPLE = 1 << 14    # sampled positions that bracket a selection; smaller inputs are selected whole
-CHUNK = 1 << 22     # entries per slice of a pass: its temporaries stay small; few slices, few ops
-
-
-def _slices(score: torch.Tensor, magnitude: bool, largest: bool = False, buffer: torch.Tensor | None = None):
-    """(start, float32 keys) of consecutive ``CHUNK``-long slices of the flat ``score``: the score,
-    ``|score|`` with ``magnitude``, negated when ``largest`` (so that the best keys are the smallest);
-    computed in ``buffer`` (float32, at least a slice long) when it has to be computed."""
-    for at in range(0, score.numel(), CHUNK):
-        part = score[at:at + CHUNK]
-        if not (magnitude or largest):
-            yield at, part.float()
-            continue
-        key = torch.empty(len(part), device=part.device) if buffer is None else buffer[:len(part)]
-        if magnitude and part.dtype == torch.float32:
-            torch.abs(part, out=key)
-        else:
-            key.copy_(part)
-            if magnitude:
-                key.abs_()
-        yield at, key.neg_() if largest else key
+CHUNK = 1 << 18     # entries per slice of a pass: its temporaries stay in the processor's cache
 
 
 @dataclass
@@ -283,42 +285,66 @@ class _Passed:
 def _pass(scores, pools, lower: float, upper: float, tie: float | None, largest: bool,
           magnitude: bool) -> list[_Passed]:
     """One pass over each tensor: mark the pool entries with a key up to ``upper``, gather those from
-    ``lower`` on, and mark apart (without gathering) those equal to ``tie``."""
-    longest = max((s.numel() for s in scores), default=0)
-    buffer = torch.empty(min(CHUNK, longest), device=pools[0].device) if magnitude or largest else None
+    ``lower`` on, and mark apart (without gathering) those equal to ``tie``.
+
+    Slice by slice, in buffers that stay in cache. A comparison writes float 0/1 and is then
+    converted to bool (a comparison that writes bool directly takes several times longer); with
+    ``largest`` the score is compared the other way round instead of negated, and only the gathered
+    keys are negated.
+    """
+    device = pools[0].device
+    longest = min(CHUNK, max((s.numel() for s in scores), default=0))
+    keys_buffer = torch.empty(longest, device=device)
+    flags = torch.empty(longest, device=device)
+    inside_buffer = torch.empty(longest, dtype=torch.bool, device=device)
+    below, above = (torch.ge, torch.le) if largest else (torch.le, torch.ge)   # "key <= c", "key >= c"
+    sign = -1.0 if largest else 1.0
     passed = []
     for s, p in zip(scores, pools):
+        s, p = s.reshape(-1), p.reshape(-1)
         marked = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
         ties = torch.empty_like(marked) if tie is not None else None
         n_marked = n_inside = 0
         index, keys, tie_counts = [], [], []
-        for at, key in _slices(s, magnitude, largest, buffer):
-            pool, mark = p[at:at + len(key)], marked[at:at + len(key)]
+        for at in range(0, s.numel(), CHUNK):
+            key = _key(s[at:at + CHUNK], magnitude, keys_buffer)
+            n = len(key)
+            pool, mark = p[at:at + n], marked[at:at + n]
             if upper == math.inf:
                 mark.copy_(pool)
             else:
-                torch.le(key, upper, out=mark).logical_and_(pool)
-            tied = None if tie is None else torch.eq(key, tie, out=ties[at:at + len(key)]).logical_and_(pool)
+                mark.copy_(below(key, sign * upper, out=flags[:n])).logical_and_(pool)
+            tied = None
+            if tie is not None:
+                tied = ties[at:at + n].copy_(torch.eq(key, sign * tie, out=flags[:n])).logical_and_(pool)
+            n_mark = int(torch.count_nonzero(mark))
+            n_tied = 0 if tied is None else int(torch.count_nonzero(tied))
             if lower == -math.inf:
                 inside = mark
             elif lower == upper and tied is not None:      # then the bracket is the tie
                 inside = tied
             else:
-                inside = torch.ge(key, lower).logical_and_(mark)
-            n_mark = int(torch.count_nonzero(mark))
-            n_tied = 0 if tied is None else int(torch.count_nonzero(tied))
-            n_marked += n_mark
-            n_inside += n_mark if inside is mark else n_tied if inside is tied else int(torch.count_nonzero(inside))
+                inside = inside_buffer[:n].copy_(above(key, sign * lower, out=flags[:n])).logical_and_(mark)
             if tied is not None:
                 tie_counts.append(n_tied)
-                inside = torch.logical_xor(inside, tied)      # the ties are inside: the others
+                inside = torch.logical_xor(inside, tied, out=inside_buffer[:n])   # the ties are inside: the others
             i = inside.nonzero().squeeze(1)
+            n_marked += n_mark
+            n_inside += len(i) + n_tied
             index.append(i + at)
-            keys.append(key[i])
+            keys.append(key[i].neg_() if largest else key[i])
         passed.append(_Passed(marked, n_marked, n_inside,
                               torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=p.device),
                               torch.cat(keys) if keys else torch.zeros(0, device=p.device), ties, tie_counts))
     return passed
+
+
+def _key(part: torch.Tensor, magnitude: bool, buffer: torch.Tensor) -> torch.Tensor:
+    """``part`` as float32 keys (``|part|`` with ``magnitude``), in ``buffer`` when it has to be computed."""
+    if part.dtype == torch.float32:
+        return torch.abs(part, out=buffer[:len(part)]) if magnitude else part
+    key = buffer[:len(part)].copy_(part)
+    return key.abs_() if magnitude else key
 
 
 def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int,
@@ -398,7 +424,11 @@ def _clear_after(marked: torch.Tensor, ties: torch.Tensor, tie_counts: Sequence[
 def _bracket(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int,
              comm: Comm = LOCAL, largest: bool = False, magnitude: bool = False) -> tuple[float, float, float | None]:
     """Two keys that very likely enclose the ``k``-th smallest key of the pools, from a seeded random
-    sample, and the key that the sample shows most often between them (None: none twice)."""
+    sample, and the key that the sample shows most often between them (None: none twice).
+
+    The bracket reaches five standard deviations of the sampled rank either side (a larger sample
+    narrows it, but costs a random read per position: more than it saves in the pass).
+    """
     total = comm.sum([sum(p.numel() for p in pools)])[0]
     if total <= SAMPLE:
         return -math.inf, math.inf, None
@@ -411,13 +441,15 @@ def _bracket(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: i
             key = s[at].float()
             key = key.abs() if magnitude else key
             picked.append((key.neg() if largest else key)[p[at]].to(device))
-    sample = comm.cat(torch.cat(picked)).sort().values
-    rank = k / count * sample.numel()
-    margin = 4.0 * math.sqrt(sample.numel()) + 2.0   # the rank's spread is at most sqrt(n) / 2
+    sample = comm.cat(torch.cat(picked))
+    n = sample.numel()
+    q = min(1.0, k / count)
+    rank = q * n
+    margin = 5.0 * math.sqrt(n * q * (1.0 - q)) + 3.0
     low, high = math.floor(rank - margin), math.ceil(rank + margin)
-    lower = sample[low].item() if low >= 0 else -math.inf
-    upper = sample[high].item() if high < sample.numel() else math.inf
-    window = sample[max(low, 0):high + 1]
+    lower = torch.kthvalue(sample, low + 1).values.item() if low >= 0 else -math.inf
+    upper = torch.kthvalue(sample, high + 1).values.item() if high < n else math.inf
+    window = sample[(sample >= lower) & (sample <= upper)].sort().values
     tie = None
     if window.numel():
         values, repeats = torch.unique_consecutive(window, return_counts=True)

@@ -194,3 +194,15 @@ def test_pools_of_many_exact_zeros_select_like_a_stable_sort(chunk, monkeypatch)
     for keep in (1_000, 20_000, 30_000):
         got = np.concatenate([x.numpy().ravel() for x in prune_global(weights, masks, keep, magnitude=True)])
         assert (got == reference_prune([x.abs() for x in weights], masks, keep)).all()
+
+
+@pytest.mark.parametrize("keep", [5, 30_000, 90_000])    # 5: every layer keeps its best one
+def test_prune_global_counted_counts_what_it_keeps(keep):
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(300, 400, generator=g), 1e-3 * torch.rand(50, 40, generator=g), torch.randn(7, 3, generator=g)]
+    masks = [torch.rand(w.shape, generator=g) < 0.8 for w in weights]
+    new, counts = criteria.prune_global_counted(weights, masks, keep, magnitude=True)
+    assert counts == [int(m.sum()) for m in new]
+    assert sum(counts) == max(keep, 3) and all(c >= 1 for c in counts)
+    got = np.concatenate([m.numpy().ravel() for m in new])
+    assert (got == reference_prune([w.abs() for w in weights], masks, keep)).all()
