@@ -1,6 +1,7 @@
-"""GPT-2's layout: linear layers stored (in, out) and computed by addmm (HF's ``Conv1D``), and a fused
-query-key-value projection split into q, k and v by the attention's ``split_size``. Checked against
-attention and MLPs computed by hand over the kept heads and channels."""
+"""Linear layers computed by matrix products: GPT-2's layout, weights stored (in, out) and computed by addmm
+(HF's ``Conv1D``), with a fused query-key-value projection split into q, k and v by the attention's
+``split_size``; and Falcon's ``x @ weight.T``. Checked against attention and MLPs computed by hand over the
+kept heads and channels."""
 
 import math
 
@@ -182,3 +183,28 @@ def test_granet_with_regrowth_keeps_whole_fused_heads_and_compacts_to_them():
     folded.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.endswith("_mask")})
     with torch.no_grad():
         torch.testing.assert_close(small(x), by_hand(folded, x, kept.nonzero().squeeze(1).tolist()))
+
+
+class MatmulLinear(nn.Linear):
+    """Falcon's ``FalconLinear``: ``x @ weight.T``, then the bias."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_linear_layer_written_as_a_matmul_with_the_transposed_weight_compacts():
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(8, 32), nn.GELU(), MatmulLinear(32, 8)).eval()
+    x = torch.randn(4, 5, 8)
+    (g,) = [g for g in channel_groups(model, x) if any(m.weight == "0.weight" for m in g.rows)]
+    assert not g.pinned and {(m.role, m.weight, m.transposed) for m in g.members} >= {
+        ("row", "0.weight", False), ("column", "2.weight", False)}
+    with torch.no_grad():
+        model[2].weight[:, 1::2] = 0                 # odd hidden channels are read by nothing
+    small = gf.compact(model, x)
+    assert tuple(small[0].weight.shape) == (16, 8) and tuple(small[0].bias.shape) == (16,)
+    assert tuple(small[2].weight.shape) == (8, 16) and small[2].in_features == 16
+    with torch.no_grad():
+        keep = torch.arange(0, 32, 2)
+        expected = F.gelu(x @ model[0].weight[keep].T + model[0].bias[keep]) @ model[2].weight[:, keep].T + model[2].bias
+        torch.testing.assert_close(small(x), expected)

@@ -101,7 +101,7 @@ def test_tiny_run_has_consistent_rows(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--models", "bert,gpt2"], "unknown model gpt2"),
+    (["--models", "bert,llama"], "unknown model llama"),
     (["--sparsity", "0.5,1.5"], "sparsities must lie between 0 and 1"),
     (["--hidden", "100", "--heads", "3"], "--hidden 100 is not a multiple of --heads 3"),
 ])

@@ -77,6 +77,8 @@ _SPATIAL = {
     aten.upsample_bilinear2d.default: 2,
 }
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+# Matrix products that are a linear layer when their second operand is a weight (see ``_matmul_weight``).
+_MATMULS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
 # Splits into a tuple of pieces, read by getitem: (self, one size or a list of sizes, dim).
 _SPLITS = {aten.split.Tensor, aten.unsafe_split.Tensor, aten.split_with_sizes.default,
            aten.unsafe_split_with_sizes.default}
@@ -475,17 +477,21 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
 
 
 def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, int]:
-    """For each conv/linear weight (addmm's too) of a captured or exported graph, the output positions it
+    """For each conv/linear weight (a matmul's too) of a captured or exported graph, the output positions it
     computes (batch x spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
     positions: dict[str, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and (node.target in _CONVS or node.target in (aten.linear.default,
-                                                                                   aten.addmm.default)):
-            weight = _weight_of(node.args[2 if node.target is aten.addmm.default else 1])
-            if weight is not None and _is_tensor(node):
-                out = _val(node)
-                channels = out.shape[1 if node.target in _CONVS else -1]
-                positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels
+        if node.op == "call_function" and (node.target in _CONVS or node.target is aten.linear.default):
+            weight = _weight_of(node.args[1])
+        elif node.op == "call_function" and node.target in _MATMULS:
+            found = _matmul_weight(node.args[2 if node.target is aten.addmm.default else 1])
+            weight = found[0] if found else None
+        else:
+            continue
+        if weight is not None and _is_tensor(node):
+            out = _val(node)
+            channels = out.shape[1 if node.target in _CONVS else -1]
+            positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels
     return positions
 
 
@@ -502,6 +508,22 @@ def _weight_of(node: Any) -> tuple[str, str | None] | None:
             return w.target, m.target
         if _val(w).dtype == torch.bool:
             return m.target, w.target
+    return None
+
+
+def _matmul_weight(node: Any) -> tuple[tuple[str, str | None], bool] | None:
+    """((weight, mask), transposed) of the second operand of a 2-D matmul: a parameter stored (in, out)
+    (transposed), or the transpose of one stored (out, in), as ``x @ w.T`` reads it; None otherwise."""
+    found = _weight_of(node)
+    if found is not None:
+        return found, True
+    if isinstance(node, fx.Node) and node.op == "call_function" and _is_tensor(node) and _val(node).dim() == 2 \
+            and (node.target in (aten.t.default, aten.numpy_T.default)
+                 or (node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0])
+                 or (node.target is aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1})):
+        found = _weight_of(node.args[0])
+        if found is not None:
+            return found, False
     return None
 
 
@@ -591,8 +613,8 @@ class _Analysis:
             return self.conv(node)
         if t is aten.linear.default:
             return self.linear(node)
-        if t is aten.addmm.default:
-            return self.addmm(node)
+        if t in _MATMULS:
+            return self.matmul(node)
         if t in _BATCH_NORMS:
             return self.batch_norm(node)
         if t is aten.embedding.default:
@@ -697,22 +719,27 @@ class _Analysis:
         self.add_member(Member("row", weight[0], bias_name, weight[1], split=_pieces(out)), out)
         return out
 
-    def addmm(self, node: fx.Node) -> _Layout | None:
-        """``addmm(bias, x, weight)`` with a weight stored (in, out): HF's ``Conv1D`` (GPT-2), a linear layer."""
-        bias, x, mat2 = node.args[:3]
-        weight, bias_name = _weight_of(mat2), _weight_of(bias)
-        if weight is None or bias_name is None or _val(bias).dim() != 1 or _val(x).dim() != 2 \
+    def matmul(self, node: fx.Node) -> _Layout | None:
+        """``addmm(bias, x, w)``, ``mm(x, w)`` or ``matmul(x, w)`` with a parameter for ``w``: a linear layer, its
+        weight stored (in, out) as in HF's ``Conv1D`` (GPT-2) or read transposed, ``x @ weight.T`` (Falcon)."""
+        bias, x, mat2 = node.args[:3] if node.target is aten.addmm.default else (None, *node.args[:2])
+        found, bias_name = _matmul_weight(mat2), _weight_of(bias)
+        if found is None or (bias is not None and (bias_name is None or _val(bias).dim() != 1)) \
+                or _val(x).dim() < 2 or (_val(x).dim() > 2 and node.target is not aten.matmul.default) \
                 or any(_arg(node, i, k, 1) != 1 for i, k in ((3, "beta"), (4, "alpha"))):
             return self.unknown(node)
+        last = _val(x).dim() - 1
+        (weight, mask), transposed = found
+        bias_name = bias_name[0] if bias_name else None
         layout = self.layouts.get(x)
         if layout is not None:
-            if layout.dim == 1:
-                self.add_member(Member("column", weight[0], bias_name[0], weight[1], node=x.name, node_dim=1,
-                                       transposed=True), layout)
+            if layout.dim == last:
+                self.add_member(Member("column", weight, bias_name, mask, node=x.name, node_dim=last,
+                                       transposed=transposed), layout)
             else:
                 self.pin(layout, f"feeds {_describe(node)} along another dimension")
-        out = self.layer_output(node, weight[0], _val(mat2).shape[1], 1)
-        self.add_member(Member("row", weight[0], bias_name[0], weight[1], transposed=True, split=_pieces(out)), out)
+        out = self.layer_output(node, weight, _val(node).shape[-1], last)
+        self.add_member(Member("row", weight, bias_name, mask, transposed=transposed, split=_pieces(out)), out)
         return out
 
     def layer_output(self, node: fx.Node, name: str, size: int, dim: int) -> _Layout:
