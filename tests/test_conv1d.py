@@ -13,6 +13,8 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.passes.channel_groups import channel_groups
 
+from test_heads import granet_on_heads
+
 
 class Conv1D(nn.Module):
     """HF's ``Conv1D``, as transformers writes it: ``x @ weight + bias`` with the weight (in, out)."""
@@ -158,21 +160,12 @@ def test_granet_with_regrowth_keeps_whole_fused_heads_and_compacts_to_them():
     """Channel GraNet (pruning and gradient regrowth) on GPT-2's layout: at every step each head is masked
     whole in c_proj's rows, the weights it reads are zero, and the compacted model computes attention over
     the kept heads by hand."""
-    torch.manual_seed(0)
-    model = FusedAttention(dim=16, width=4)
-    config = gf.GraNetConfig(method="granet", granularity="channel", final_sparsity=0.5, total_steps=12,
-                             prune_end=8, update_every=2)
-    sparse = gf.sparsify(model, config, example_inputs=(torch.randn(2, 5, 16),))
-    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.05)
-    granet = gf.GraNet(sparse, optimizer)
-    for _ in range(12):
-        x = torch.randn(4, 5, 16)
-        F.mse_loss(sparse(x), x.flip(1)).backward()
-        optimizer.step()
-        granet.step()
-        optimizer.zero_grad()
+    def whole_heads(sparse):
         rows = sparse.get_buffer("c_proj.weight_mask").view(4, 4, 16)      # (head, channel of the head, out)
         assert bool((rows == rows[:, :1, :1]).all()), "a head is masked only in part"
+
+    torch.manual_seed(0)
+    sparse = granet_on_heads(FusedAttention(dim=16, width=4), whole_heads)
     kept = sparse.get_buffer("c_proj.weight_mask")[:, 0].view(4, 4)[:, 0]
     assert int(kept.sum()) == 2
     assert sparse.get_parameter("c_proj.weight")[~kept.repeat_interleave(4)].abs().sum() == 0

@@ -215,11 +215,9 @@ def test_bert_loses_whole_heads_and_granet_export_compacts_it(tmp_path):
     assert shapes[(64, 64)] == 1                          # only the pooler is still 64 x 64
 
 
-def test_granet_trains_whole_heads_to_the_target():
-    """Channel GraNet with regrowth on the attention alone: its only removable channels are its heads, so
-    final_sparsity=0.5 keeps 2 of 4 heads, each masked whole at every step."""
-    torch.manual_seed(0)
-    model = Attention(dim=16, width=4)
+def granet_on_heads(model, after_step):
+    """``model`` (16 channels wide) trained 12 steps by channel GraNet with regrowth to final_sparsity=0.5,
+    ``after_step(sparse)`` called after every step."""
     config = gf.GraNetConfig(method="granet", granularity="channel", final_sparsity=0.5, total_steps=12,
                              prune_end=8, update_every=2)
     sparse = gf.sparsify(model, config, example_inputs=(torch.randn(2, 5, 16),))
@@ -231,8 +229,20 @@ def test_granet_trains_whole_heads_to_the_target():
         optimizer.step()
         granet.step()
         optimizer.zero_grad()
+        after_step(sparse)
+    return sparse
+
+
+def test_granet_trains_whole_heads_to_the_target():
+    """Channel GraNet with regrowth on the attention alone: its only removable channels are its heads, so
+    final_sparsity=0.5 keeps 2 of 4 heads, each masked whole at every step."""
+
+    def whole_heads(sparse):
         columns = sparse.get_buffer("o.weight_mask").view(16, 4, 4)      # (out, head, channel of the head)
         assert bool((columns == columns[:1, :, :1]).all()), "a head is masked only in part"
+
+    torch.manual_seed(0)
+    sparse = granet_on_heads(Attention(dim=16, width=4), whole_heads)
     kept = sparse.get_buffer("o.weight_mask")[0].view(4, 4)[:, 0]
     assert int(kept.sum()) == 2
     assert sparse.get_parameter("o.weight")[:, ~kept.repeat_interleave(4)].abs().sum() == 0   # read by nothing

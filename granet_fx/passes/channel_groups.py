@@ -1085,7 +1085,7 @@ def split_owner(model: nn.Module, weight: str) -> nn.Module | None:
 
 def pin_fixed_splits(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """Pin the groups of a split layer's pieces unless ``compact`` can rewrite the split: every piece must lose
-    the same channels (all in one group) and the piece width must be an attribute it knows (``split_attribute``)."""
+    the same channels (all in one group) and the piece width must be an attribute it knows (``split_owner``)."""
     where: dict[str, set[int]] = {}
     for g in groups:
         for r in g.rows:
@@ -1094,15 +1094,15 @@ def pin_fixed_splits(model: nn.Module, groups: list[ChannelGroup]) -> list[Chann
     for g in groups:
         for r in g.rows:
             if r.split and (len(where[r.weight]) > 1
-                            or getattr(split_owner(model, r.weight), "split_size", None) != _width(model, r)):
+                            or getattr(split_owner(model, r.weight), "split_size", None) != piece_width(model, r)):
                 reason = f"the model's code splits the output of {r.weight} at sizes compaction cannot change"
                 if reason not in g.pinned:
                     g.pinned.append(reason)
     return groups
 
 
-def _width(model: nn.Module, row: Member) -> int:
-    """The width of one piece of a split row's layer output."""
+def piece_width(model: nn.Module, row: Member) -> int:
+    """The width of one piece of a split row's layer output, as its weight is now."""
     return model.get_parameter(row.weight).shape[row.dim] // row.split
 
 

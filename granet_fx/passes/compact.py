@@ -43,8 +43,8 @@ from torch.utils import _pytree as pytree
 from ..fold import fold
 from ..sparsify import INFO_ATTR, _run, unwrap
 from .channel_groups import (
-    Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors, pin_fixed_splits,
-    split_owner,
+    Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors, piece_width,
+    pin_fixed_splits, split_owner,
 )
 from .layer_norms import unmask_layer_norms
 from .trace import is_conv1d
@@ -402,7 +402,7 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
         for r in group.rows:
             owner = split_owner(model, r.weight) if r.split else None
             if owner is not None:     # (in a graph that is the model's code, the split's sizes are literals)
-                owner.split_size = model.get_parameter(r.weight).shape[r.dim] // r.split
+                owner.split_size = piece_width(model, r)
             if not r.depthwise:
                 continue
             channels = model.get_parameter(r.weight).shape[0]
