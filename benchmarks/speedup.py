@@ -38,6 +38,7 @@ import copy
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -87,7 +88,7 @@ def widths(model: torch.nn.Module) -> tuple[list[int], list[int]]:
     return convs, [p.shape[0] for p in model.parameters() if p.ndim == 2]
 
 
-def prune_channels(model: torch.nn.Module, sparsity: float, multiple: int, x: torch.Tensor) -> torch.nn.Module:
+def prune_channels(model: torch.nn.Module, sparsity: float, multiple: int | str, x: torch.Tensor) -> torch.nn.Module:
     """``model`` with ``sparsity`` of its removable output channels masked by one controller step."""
     config = gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=sparsity, total_steps=1,
                              prune_end=1, update_every=1, channel_multiple=multiple)
@@ -137,8 +138,6 @@ def option_session(path: str, threads: int, variant: dict):
 
 def compare_options(paths: dict[str, str], threads: list[int], batches: list[int], warmup: int, runs: int) -> tuple:
     """Median latency of each model under each session-option variant, the variants run alternately."""
-    import time
-
     import numpy as np
 
     rows = [("model", "threads", "batch", "variant", "median ms", "vs granet-bench")]
@@ -168,7 +167,7 @@ def compare_options(paths: dict[str, str], threads: list[int], batches: list[int
 
 
 def measure_model(name: str, dense: torch.nn.Module, x: torch.Tensor, tmp: str, sparsities: list[float],
-                  multiples: list[int], threads: list[int], batches: list[int], warmup: int,
+                  multiples: list[int | str], threads: list[int], batches: list[int], warmup: int,
                   runs: int) -> tuple[list, list, list, list]:
     """Prune, compact, export and measure one model at every setting: (table rows, notes on the rates,
     compaction details, JSON runs)."""
@@ -177,13 +176,17 @@ def measure_model(name: str, dense: torch.nn.Module, x: torch.Tensor, tmp: str, 
     export(dense, x, dense_path)
     for sparsity in sparsities:
         for multiple in multiples:
+            start = time.perf_counter()
             sparse = prune_channels(copy.deepcopy(dense), sparsity, multiple, x)
+            pruned_in = time.perf_counter() - start
             compacted = gf.compact(sparse, x)
             report = gf.compaction_report(compacted)
             convs, linears = widths(compacted)
             print(f"{name}: {report}", file=sys.stderr)
             details += ["", f"{name}, channel sparsity {sparsity}, channel_multiple {multiple}:", str(report),
                         f"conv output channels: {convs}", f"linear output features: {linears}"]
+            if multiple == "measured":
+                details.append(f"sparsify and one-shot pruning took {pruned_in:.1f} s, with the calibration")
             path = os.path.join(tmp, f"{name}_compacted_{sparsity}_{multiple}.onnx")
             export(compacted, x, path)
             for n in threads:
@@ -225,7 +228,9 @@ def main() -> None:
                         help=f"comma-separated models to measure (default {','.join(MODELS)})")
     parser.add_argument("--sparsity", default="0.5,0.75", help="channel sparsities (default 0.5,0.75)")
     parser.add_argument("--multiple", default="1,8",
-                        help="channel_multiple values: layers keep a multiple of this many channels (default 1,8)")
+                        help="channel_multiple values: layers keep a multiple of this many channels; 'auto' (the NCHWc "
+                        "block of this CPU) and 'measured' (per group, granet_fx.export.calibrate at 1 thread) "
+                        "too (default 1,8)")
     parser.add_argument("--batch", default="1,32", help="batch sizes (default 1,32)")
     parser.add_argument("--threads", default="2", help="onnxruntime thread counts, for example 1,2 (default 2)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -240,9 +245,13 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     torch.set_num_threads(max(threads))
     sparsities = [float(s) for s in args.sparsity.split(",")]
-    multiples = [int(k) for k in args.multiple.split(",")]
+    multiples = [int(k) if k.isdigit() else k for k in args.multiple.split(",")]
+    if any(k not in ("auto", "measured") and not isinstance(k, int) for k in multiples):
+        parser.error(f"--multiple takes integers, 'auto' and 'measured'; got {args.multiple!r}")
     batches = [int(b) for b in args.batch.split(",")]
     models = {name: build(name, args.width) for name in args.models}
+    if "measured" in multiples:   # calibrated in this run, on this machine, not read from an earlier one
+        os.environ["GRANET_FX_CACHE"] = tempfile.mkdtemp(prefix="granet_fx_calibration_")
 
     cmd = command()
     m = machine()

@@ -46,7 +46,8 @@ class GraNetConfig:
     scope: str = "global"
     granularity: str = "unstructured"
     # granularity="channel": layers keep a multiple of this many channels; "auto": onnxruntime's NCHWc block
-    # on this CPU (16 floats with AVX-512, else 8), the widths its convolutions run without padding
+    # on this CPU (16 floats with AVX-512, else 8), the widths its convolutions run without padding;
+    # "measured": per group, the step its own layers' onnxruntime speed shows here (export/calibrate.py, cached)
     channel_multiple: int | str = 1
     # granularity="channel", scope="global": every group keeps at least channel_floor x the density of its channels
     # (0.5: no accuracy cost on MNIST-1D, and no stage of a ConvNeXt starved; benchmarks/mnist1d_channel.py --compare)
@@ -133,9 +134,11 @@ class GraNetConfig:
             raise ValueError("method='fggp' prunes single weights: it needs granularity='unstructured'")
         if not isinstance(self.update_every, int) or self.update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1; got {self.update_every!r}")
-        if self.channel_multiple != "auto" and (isinstance(self.channel_multiple, bool) or
-                                                not isinstance(self.channel_multiple, int) or self.channel_multiple < 1):
-            raise ValueError(f"channel_multiple must be an integer >= 1 or 'auto'; got {self.channel_multiple!r}")
+        if self.channel_multiple not in ("auto", "measured") and (
+                isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int)
+                or self.channel_multiple < 1):
+            raise ValueError(f"channel_multiple must be an integer >= 1, 'auto' or 'measured'; "
+                             f"got {self.channel_multiple!r}")
         floor = self.channel_floor
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
             raise ValueError(f"channel_floor must be a number in [0, 1] (the share of the density that every "

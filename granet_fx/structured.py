@@ -22,7 +22,9 @@ choice of which entries are True changes.
   layers whose weights happen to be larger. With ``channel_multiple=k`` every group keeps a multiple of k
   channels (the nearest to what the ranking chose, never below the floor),
   which suits the SIMD blocks of CPU convolution kernels; "auto" picks the
-  block of onnxruntime's NCHWc kernels on the CPU that trains.
+  block of onnxruntime's NCHWc kernels on the CPU that trains, "measured" a
+  multiple per group from the onnxruntime speed of the group's own layers on
+  that CPU (``export/calibrate.py``, measured once and cached).
 - ``granularity="n:m"``: in every group of M consecutive input weights (along
   dimension 1, for each output channel and kernel position) N are kept at the
   end. The cubic schedule is followed group by group: at sparsity s each group
@@ -93,10 +95,10 @@ def _mask_layer_norms(model: nn.Module, groups: list[ChannelGroup], masked: set[
     return groups
 
 
-def channel_multiple(value: int | str) -> int:
-    """``GraNetConfig.channel_multiple`` as a number: "auto" is the channel block of onnxruntime's NCHWc
-    convolutions on this CPU, 16 floats with AVX-512 and 8 otherwise (AVX2), the widths that run
-    without padding (benchmarks/speedup.py measures 1, 8 and 16)."""
+def channel_multiple(value: int | str) -> int | str:
+    """``GraNetConfig.channel_multiple`` as a number ("measured" stays: it is found per group): "auto" is
+    the channel block of onnxruntime's NCHWc convolutions on this CPU, 16 floats with AVX-512 and 8
+    otherwise (AVX2), the widths that run without padding (benchmarks/speedup.py measures them)."""
     if value != "auto":
         return value
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
@@ -106,7 +108,8 @@ def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
     """The mask logic of ``info.config.granularity``; None for unstructured sparsity."""
     if info.config.granularity == "channel":
         return ChannelMasks(model, info.channel_groups, [l.name for l in info.masked],
-                            channel_multiple(info.config.channel_multiple), info.config.channel_floor)
+                            channel_multiple(info.config.channel_multiple), info.config.channel_floor,
+                            1.0 - info.config.final_sparsity)
     if info.config.nm is not None:
         from .sparsify import mask_units   # sparsify imports this module
 
@@ -117,16 +120,20 @@ def structured_masks(model: nn.Module, info) -> "ChannelMasks | NMMasks | None":
 class ChannelMasks:
     """Whole-channel masks over the groups whose channels may be removed."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int = 1,
-                 floor: float = 0.5):
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], masked: list[str], multiple: int | str = 1,
+                 floor: float = 0.5, density: float = 0.5):
         self.floor = floor
         self.masked = set(masked)
         self.groups = [g for g in groups if _removable(g, self.masked)]
         self.costs = [sum(r.repeat for r in g.rows) for g in self.groups]   # rows per channel (a head has many)
-        # ``multiple`` in each group's channels: a head 64 channels wide is already a multiple of 8 channels
-        self.multiples = [multiple // math.gcd(multiple, g.rows[0].repeat) for g in self.groups]
         self.total = sum(g.size * c for g, c in zip(self.groups, self.costs))
         self.tensors = named_tensors(model)
+        if multiple == "measured":   # per group, at the final density
+            from .export.calibrate import measured_multiples
+
+            self.multiples = measured_multiples(self.tensors, self.groups, density)
+        else:   # ``multiple`` in each group's channels: a head 64 channels wide is already a multiple of 8
+            self.multiples = [multiple // math.gcd(multiple, g.rows[0].repeat) for g in self.groups]
         self.positions = [[c.indices(torch.arange(g.size)) for c in g.columns] for g in self.groups]
 
     def _rows(self, i: int) -> list[torch.Tensor]:
