@@ -125,8 +125,10 @@ def compare(args) -> None:
     field, _, text = args.compare.partition("=")
     if field not in ("channel_floor", "channel_multiple") or not text:
         sys.exit("--compare takes channel_floor=A,B,... or channel_multiple=A,B,...")
-    kind = int if field == "channel_multiple" else float
-    values = [kind(v) for v in text.split(",")]
+    if field == "channel_multiple":      # integers, "auto" or "measured"
+        values = [int(v) if v.isdigit() else v for v in text.split(",")]
+    else:
+        values = [float(v) for v in text.split(",")]
     out = args.out or os.path.join(os.path.dirname(__file__), "results", "mnist1d_" + field)
     torch.set_num_threads(args.threads)
     data = load_mnist1d()

@@ -151,3 +151,29 @@ def test_measured_multiples_are_what_the_controller_keeps(cache, monkeypatch, bl
     # two groups (other layers) of 64 channels, 0.3 x 64 = 19 kept: each measured at 0 + every period, once
     # (the controller reads what sparsify measured)
     assert asked == [[1, 2, 4, 8, 16, 32]] * 2
+
+
+@pytest.mark.slow
+def test_calibration_benchmark_multiples_follow_from_its_times(tmp_path):
+    """benchmarks/calibration.py: each group's multiple is what the rule gives on the times it printed,
+    worked here from the JSON: the smallest period from which every measured width beats the wider ones by
+    half a proportional share."""
+    from pathlib import Path
+
+    from helpers import run_benchmark
+
+    out = tmp_path / "calibration"
+    text, data = run_benchmark(Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py",
+                               ["--models", "mobilenetv2", "--out", str(out)], out)
+    assert data["groups"] and all(g["model"] == "mobilenetv2" for g in data["groups"])
+    for g in data["groups"]:
+        ms = {int(w): t for w, t in g["ms"].items()}
+        widths = sorted(ms)
+        worth = [all(ms[v] - ms[w] > 0.5 * ms[w] * (v - w) / w for v in widths if v > w) for w in widths]
+        first = len(widths) - 1
+        while first > 0 and worth[first - 1]:
+            first -= 1
+        base = widths[0] - 1                   # the widths are base + 1, base + 2, base + 4, ...
+        assert g["multiple"] == widths[first] - base, g
+        assert f"-> multiple {g['multiple']}" in text
+    assert len(data["groups"][0]["every_ms"]) == 32
