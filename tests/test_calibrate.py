@@ -177,3 +177,14 @@ def test_calibration_benchmark_multiples_follow_from_its_times(tmp_path):
         assert g["multiple"] == widths[first] - base, g
         assert f"-> multiple {g['multiple']}" in text
     assert len(data["groups"][0]["every_ms"]) == 32
+
+
+def test_a_group_that_cannot_be_timed_keeps_any_width(cache, monkeypatch):
+    def refuse(shapes, widths, threads=1, runs=calibrate.RUNS):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel")
+
+    monkeypatch.setattr(calibrate, "time_widths", refuse)
+    with pytest.warns(UserWarning, match="could not time a channel group's layers .*RuntimeError.*multiple of 1"):
+        assert calibrate.measured_period((LayerShape("row", 3, 0, (3, 3)),), kept=40, size=128) == 1
+    assert not cache.exists()                  # not cached: measured again next time
+    assert calibrate.measured_period((), kept=40, size=128) == 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +66,8 @@ def group_shapes(tensors: dict[str, torch.Tensor], group) -> tuple[LayerShape, .
     shapes = []
     for m in group.rows + group.columns:
         w = m.oriented(tensors[m.weight]).shape
+        if len(w) - 2 not in _IMAGE and len(w) != 2:
+            continue        # neither a linear layer nor a 1-3-D conv: left out of the timing
         side = w[0] if m.role == "row" else w[1]
         rest = side - group.size * m.repeat
         other = w[1] if m.role == "row" else w[0]
@@ -159,6 +162,8 @@ def measured_period(shapes: Sequence[LayerShape], kept: int, size: int, threads:
     ``size`` channels: cached, else measured (``time_widths``, ``period``) and cached."""
     import onnxruntime as ort
 
+    if not shapes:
+        return 1
     base = 32 * (max(kept - 1, 0) // 32)
     largest = max(1, size // 2)
     key = json.dumps([_cpu(), ort.__version__, threads, base, largest, [astuple(s) for s in shapes]])
@@ -170,7 +175,13 @@ def measured_period(shapes: Sequence[LayerShape], kept: int, size: int, threads:
         _measured[key] = cached[key]
         return cached[key]
     widths = [base + p for p in PERIODS if p <= largest]
-    found = period(time_widths(shapes, widths, threads), base, largest)
+    try:
+        found = period(time_widths(shapes, widths, threads), base, largest)
+    except Exception as e:   # onnxruntime refused a layer: the group keeps any number of channels
+        warnings.warn(f"granet_fx: channel_multiple='measured' could not time a channel group's layers "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it keeps a "
+                      f"multiple of 1", stacklevel=2)
+        return 1
     _measured[key] = found
     cached = _read_cache(path)                 # another process may have written meanwhile
     cached[key] = found
