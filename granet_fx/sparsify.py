@@ -17,6 +17,7 @@ from .config import GraNetConfig
 from .criteria import apportion, layer_densities, random_mask
 from .passes.insert_masks import add_mask_hooks, insert_masks
 from .passes.ops import VIEW_OPS, WEIGHT_MODULES, WeightFinder, op_name, run_finder, weight_uses
+from .passes.attention import split_attention_heads
 from .passes.layer_norms import recognise_rms_norms
 from .passes.trace import Piece, trace_pieces, training_mode
 from .structured import init_structured_masks
@@ -177,6 +178,8 @@ def sparsify(model: nn.Module, config: GraNetConfig | None = None, *, example_in
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
 
+    if config.granularity == "channel":
+        split_attention_heads(model)   # nn.MultiheadAttention as ops whose heads channel analysis follows
     owners = _owner_types(model)
     macs = count_macs(model, example_inputs) if example_inputs is not None else {}
     reference = _run(model, example_inputs) if example_inputs is not None else None

@@ -597,6 +597,7 @@ class _Analysis:
 
     # The walk ----------------------------------------------------------------
     def run(self) -> list[ChannelGroup]:
+        self.live = _live(self.gm.graph)
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 for arg in node.all_input_nodes:
@@ -665,6 +666,8 @@ class _Analysis:
         return self.unknown(node)
 
     def unknown(self, node: fx.Node, why: str = "feeds") -> None:
+        if node not in self.live:
+            return None          # nothing the model returns or writes depends on it: no channel need stay
         for arg in node.all_input_nodes:
             self.pin(self.layouts.get(arg), f"{why} {_describe(node)}")
         return None
@@ -1040,6 +1043,20 @@ class _Analysis:
         return groups
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that the outputs or an op that writes to a tensor depend on (what ``nn.MultiheadAttention``
+    computes for ``need_weights=True`` when the caller drops the weights is not)."""
+    todo = [n for n in graph.nodes if n.op == "output" or (isinstance(n.target, torch._ops.OpOverload)
+                                                         and n.target._schema.is_mutable)]
+    live: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo += n.all_input_nodes
+    return live
+
+
 def _literal(node: fx.Node, index: int, position: int | None) -> Any:
     value = node.args[index]
     return value if position is None else value[position]
@@ -1072,15 +1089,20 @@ def _piece(layout: _Layout, start: int, end: int) -> _Layout | None:
 
 def split_owner(model: nn.Module, weight: str) -> nn.Module | None:
     """The module that splits the output of layer ``weight`` by its attribute ``split_size`` (one piece's
-    width), as HF's GPT-2 attention splits its fused ``c_attn``: the layer's parent, if it has one."""
-    parent = weight.rpartition(".")[0].rpartition(".")[0]
-    try:
-        owner = model.get_submodule(parent)
-    except AttributeError:
-        return None
-    # a traced parent's code holds the size as a number
-    return owner if isinstance(getattr(owner, "split_size", None), int) and not isinstance(owner, fx.GraphModule) \
-        else None
+    width): the module holding the weight (``SplitHeadsAttention``'s ``in_proj_weight``), or else its parent,
+    as HF's GPT-2 attention splits its fused ``c_attn``."""
+    holder = weight.rpartition(".")[0]
+    for name in (holder, holder.rpartition(".")[0]):
+        try:
+            owner = model.get_submodule(name)
+        except AttributeError:
+            return None
+        # a traced module's code holds the size as a number
+        if isinstance(getattr(owner, "split_size", None), int) and not isinstance(owner, fx.GraphModule):
+            return owner
+        if not name:
+            return None
+    return None
 
 
 def pin_fixed_splits(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:

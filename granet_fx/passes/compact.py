@@ -46,6 +46,7 @@ from .channel_groups import (
     Capture, ChannelGroup, Member, capture, find_groups, layer_positions, named_tensors, piece_width,
     pin_fixed_splits, split_owner,
 )
+from .attention import SplitHeadsAttention
 from .layer_norms import unmask_layer_norms
 from .trace import is_conv1d
 from .ops import WEIGHT_OPS, weight_operand
@@ -426,6 +427,8 @@ def _fix_sizes(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor
             m.normalized_shape = tuple(m.weight.shape)
         elif is_conv1d(m):
             m.nx, m.nf = m.weight.shape
+        elif isinstance(m, SplitHeadsAttention):
+            m.resize()
 
 
 def _typed(gm: fx.GraphModule) -> bool:

@@ -16,6 +16,10 @@ HF's ``Conv1D`` (GPT-2) is traced with a forward that reads its output width
 off its weight: its own code reads the attribute ``nf``, which fx would write
 into the graph as a number that compaction could not change.
 
+``SplitHeadsAttention`` (``attention``) stays a call and is not traced: its
+code reads ``split_size``, which fx would write into the graph as a number;
+its weights are masked by hooks, as those of ``nn.MultiheadAttention`` are.
+
 Modules chosen to be kept (``keep``) stay calls in their parent's graph and
 are traced on their own, so that wrappers working on module calls (FSDP2's
 ``fully_shard``, activation checkpointing) still see them.
@@ -32,6 +36,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .attention import SplitHeadsAttention
 from .layer_norms import MaskedRMSNorm
 from .ops import WEIGHT_MODULES, weight_uses
 
@@ -67,6 +72,8 @@ class _Tracer(fx.Tracer):
         if isinstance(m, _TRACED_THROUGH):
             return False
         if isinstance(m, MaskedRMSNorm):    # a call, so that restoring its class restores its own forward
+            return True
+        if isinstance(m, SplitHeadsAttention):    # its code reads split_size, which compaction rewrites
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -228,6 +235,8 @@ def trace_pieces(module: nn.Module, prefix: str = "",
     ``keep(submodule, name)`` (the name from the root) picks submodules that
     stay calls in their parent's graph and are traced on their own.
     """
+    if isinstance(module, SplitHeadsAttention):
+        return module, []       # stays Python (see _Tracer.is_leaf_module): its weights are masked by hooks
     join = (lambda name: f"{prefix}.{name}" if prefix else name)
     traced = _trace_graph(module, None if keep is None else (lambda m, name: keep(m, join(name))))
     if traced is None:

@@ -1,0 +1,159 @@
+"""``nn.MultiheadAttention`` written so that channel analysis follows its heads.
+
+torch's module computes everything inside ``F.multi_head_attention_forward``
+(and, in inference, one fused op), which channel analysis does not follow: its
+input channels and its heads stay. ``split_attention_heads`` (for ``sparsify``
+with ``granularity="channel"``) gives each module that uses the common options
+the class ``SplitHeadsAttention``, which computes the same thing the way HF's
+GPT-2 attention does: the fused projection ``F.linear(x, in_proj_weight,
+in_proj_bias)`` split by the int attribute ``split_size`` into q, k and v,
+heads by a view with ``-1`` heads of ``head_dim``, ``scaled_dot_product_attention``,
+heads merged with ``-1``, then the output projection. A head is then rows of
+q, k and v and columns of ``out_proj``, and ``compact`` removes it, rewriting
+``split_size`` (``channel_groups.split_owner``) and the module's sizes
+(``resize``). Parameters, their names and the state_dict stay those of torch's
+module; the module stays a module call in traced graphs (fx would write
+``split_size`` into the parent's code as a number), its weights masked as
+torch's module's are.
+
+The fused split applies to self-attention (``query is key is value``); other
+calls project query, key and value with the three slices of the weight, which
+channel analysis does not follow (their channels stay, as before). Modules with
+``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v`` or
+``add_zero_attn``, and those inside torch's Transformer layers (whose inference
+path bypasses the module's forward), keep torch's class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+class SplitHeadsAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (same parameters, options and results) computed as one fused projection
+    split by ``split_size``, heads of ``head_dim``, scaled dot-product attention and ``out_proj``.
+
+    After ``compact`` has removed heads (and maybe input channels), ``embed_dim`` is the width of the input
+    and output, ``split_size`` that of each of q, k and v (``num_heads * head_dim``), which may differ."""
+
+    split_size: int
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+        # as torch: the hint replaces the mask only where scaled_dot_product_attention alone applies it
+        causal = is_causal and key_padding_mask is None and not need_weights
+        if causal:
+            attn_mask = None
+
+        def batch_first(x: torch.Tensor) -> torch.Tensor:      # (batch, length, channels)
+            if not batched:
+                return x.unsqueeze(0)
+            return x if self.batch_first else x.transpose(0, 1)
+
+        if query is key and key is value:
+            q, k, v = F.linear(batch_first(query), self.in_proj_weight, self.in_proj_bias).split(self.split_size, -1)
+        else:
+            w = self.in_proj_weight.split(self.split_size)
+            b = self.in_proj_bias.split(self.split_size) if self.in_proj_bias is not None else (None,) * 3
+            q, k, v = (F.linear(batch_first(x), *wb) for x, *wb in zip((query, key, value), w, b))
+        n, length, source = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.view(n, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, n, length, source)
+
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights and self.training:
+            # torch's way, so that the weights returned are those (after dropout) that make the output
+            out, weights = _attention_by_hand(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
+            if need_weights:     # beside it: channel analysis follows the attention, not these products
+                _, weights = _attention_by_hand(q, k, v, mask, 0.0)
+        out = F.linear(out.transpose(1, 2).reshape(n, length, -1), self.out_proj.weight, self.out_proj.bias)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            return out.squeeze(0), weights.squeeze(0) if weights is not None else None
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, length: int,
+              source: int) -> torch.Tensor | None:
+        """The float masks as one additive mask broadcast over (batch, heads, length, source)."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (length, source):
+                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                                       f"{(length, source)}.")
+                mask = attn_mask
+            elif attn_mask.dim() == 3:
+                if tuple(attn_mask.shape) != (n * self.num_heads, length, source):
+                    raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                                       f"{(n * self.num_heads, length, source)}.")
+                mask = attn_mask.view(n, -1, length, source)     # one per head
+            else:
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        if key_padding_mask is not None:
+            padding = key_padding_mask.reshape(n, 1, 1, source)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def resize(self) -> None:
+        """Set the size attributes from the weights (after ``compact`` has cut heads or channels)."""
+        self.split_size = self.in_proj_weight.shape[0] // 3
+        self.num_heads = self.split_size // self.head_dim
+        self.embed_dim = self.kdim = self.vdim = self.in_proj_weight.shape[1]
+
+
+def _attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its weights per head, as ``F.multi_head_attention_forward`` computes them with weights."""
+    scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout)
+    return weights @ v, weights
+
+
+def why_not_split(module: nn.MultiheadAttention, parent: nn.Module | None = None) -> str:
+    """Why ``module`` keeps torch's class ("" if ``split_attention_heads`` converts it)."""
+    if not module._qkv_same_embed_dim:
+        return "kdim or vdim differs from embed_dim"
+    if module.bias_k is not None or module.bias_v is not None:
+        return "it has bias_k/bias_v"
+    if module.add_zero_attn:
+        return "add_zero_attn"
+    if isinstance(parent, _TORCH_LAYERS):
+        return f"it is the attention of a {type(parent).__name__}"
+    return ""
+
+
+def split_attention_heads(model: nn.Module) -> list[str]:
+    """Make every ``nn.MultiheadAttention`` of ``model`` (the module itself too) that ``why_not_split``
+    allows a ``SplitHeadsAttention``, in place; returns their names."""
+    parents = {id(child): m for m in model.modules() for child in m.children()}
+    found = []
+    for name, module in model.named_modules():
+        if type(module) is nn.MultiheadAttention and not why_not_split(module, parents.get(id(module))):
+            module.__class__ = SplitHeadsAttention
+            module.split_size = module.embed_dim
+            found.append(name)
+    return found
