@@ -124,3 +124,23 @@ def test_grouped_convs_and_outputs_pin():
     assert any("grouped" in r for r in by_row["a.weight"].pinned)
     assert any("output" in r for r in by_row["a.weight"].pinned)
     assert any("grouped" in r for r in by_row["g.weight"].pinned)
+
+
+class Unused(nn.Module):
+    """An op the analysis does not follow (a cumulative sum over the channels), its result used or dropped."""
+
+    def __init__(self, use: bool):
+        super().__init__()
+        self.use = use
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        extra = h.cumsum(-1)
+        return self.fc2(h) + (extra[..., :2] if self.use else 0)
+
+
+def test_an_op_whose_result_nothing_uses_pins_nothing():
+    for use in (True, False):
+        (g,) = [g for g in channel_groups(Unused(use), torch.randn(3, 4)) if g.rows[0].weight == "fc1.weight"]
+        assert bool(g.pinned) == use, g.pinned

@@ -1,0 +1,298 @@
+"""nn.MultiheadAttention under channel pruning: sparsify gives it the class SplitHeadsAttention, which computes
+what torch's module computes (checked against torch's module for each option) in a form whose heads channel
+analysis follows; whole heads are pruned, compacted in Python and through granet-export, checked against
+attention computed by hand over the kept heads."""
+
+import copy
+import itertools
+import math
+import os
+import subprocess
+import sys
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import granet_fx as gf
+from granet_fx.passes.attention import SplitHeadsAttention, split_attention_heads
+
+from test_heads import granet_on_heads
+
+
+def channel_config(**kw):
+    return gf.GraNetConfig(method="gmp", granularity="channel", final_sparsity=0.5, total_steps=1, prune_end=1,
+                           update_every=1, **kw)
+
+
+def masks(bool_mask, n, length, source, batched):
+    """The mask arguments tried: none, bool and float attention masks, a padding mask, both, a 3-D mask per
+    head, and the causal hint (no row or key fully masked, which gives NaN in torch too)."""
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(length, source, generator=g) > 0.3
+    keep[:, 0] = True
+    padding = torch.rand(*((n,) if batched else ()), source, generator=g) > 0.7
+    padding[..., 0] = False
+    yield {}
+    yield {"attn_mask": ~keep if bool_mask else torch.randn(length, source, generator=g)}
+    yield {"key_padding_mask": padding}
+    yield {"attn_mask": ~keep, "key_padding_mask": padding}
+    yield {"attn_mask": torch.randn((n if batched else 1) * 4, length, source, generator=g)}
+    if length == source:
+        yield {"attn_mask": nn.Transformer.generate_square_subsequent_mask(length), "is_causal": True}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("inputs", ["self", "shared key and value", "cross"])
+def test_outputs_and_weights_equal_torchs_module(batch_first, inputs):
+    """Every option combination, in eval (with and without grad: torch's module takes its fused inference
+    path without) and in train mode with dropout 0, batched and unbatched, against torch's own module."""
+    torch.manual_seed(0)
+    for bias, batched, bool_mask in itertools.product([True, False], [True, False], [True, False]):
+        reference = nn.MultiheadAttention(16, 4, bias=bias, batch_first=batch_first)
+        ours = copy.deepcopy(reference)
+        assert split_attention_heads(ours) == [""] and type(ours) is SplitHeadsAttention
+        n, length, source = 3, 5, 5 if inputs == "self" else 7
+
+        def shape(t):
+            return ((n, t, 16) if batch_first else (t, n, 16)) if batched else (t, 16)
+
+        q = torch.randn(shape(length))
+        k = v = q if inputs == "self" else torch.randn(shape(source))
+        if inputs == "cross":
+            v = torch.randn(shape(source))
+        for kw, train, grad, need, average in itertools.product(
+                masks(bool_mask, n, length, source, batched), [False, True], [False, True], [True, False],
+                [True, False]):
+            reference.train(train), ours.train(train)
+            with torch.set_grad_enabled(grad):
+                want = reference(q, k, v, need_weights=need, average_attn_weights=average, **kw)
+                got = ours(q, k, v, need_weights=need, average_attn_weights=average, **kw)
+            assert (got[1] is None) == (want[1] is None)
+            for g, w in zip(got, want):
+                if w is not None:
+                    torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_dropout_in_training_draws_what_torch_draws(need_weights):
+    """With the same seed the dropout masks are torch's: the weights returned are those that made the output."""
+    reference = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True).train()
+    ours = copy.deepcopy(reference)
+    split_attention_heads(ours)
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(3)
+    want = reference(x, x, x, need_weights=need_weights, average_attn_weights=False)
+    torch.manual_seed(3)
+    got = ours(x, x, x, need_weights=need_weights, average_attn_weights=False)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+        assert bool((got[1] == 0).any())                    # dropout did act
+
+
+class Block(nn.Module):
+    """A residual self-attention block as nn.MultiheadAttention is mostly used, then an MLP and a head."""
+
+    def __init__(self, dim=32, heads=4, batch_first=True, need_weights=True):
+        super().__init__()
+        self.batch_first, self.need_weights = batch_first, need_weights
+        self.inp = nn.Linear(8, dim)
+        self.att = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.fc1, self.fc2, self.out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.inp(x) if self.batch_first else self.inp(x).transpose(0, 1)
+        a, _ = self.att(h, h, h, need_weights=self.need_weights)       # the weights, if any, are dropped
+        h = h + a
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.out(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_heads_are_one_group_of_q_k_v_pieces_and_out_proj_columns(batch_first, need_weights):
+    model = Block(batch_first=batch_first, need_weights=need_weights)
+    keys = set(model.state_dict())
+    sparse = gf.sparsify(model, channel_config(), example_inputs=(torch.randn(2, 5, 8),))
+    assert type(sparse.att) is SplitHeadsAttention and sparse.att.split_size == 32
+    assert set(sparse.state_dict()) == keys | {k + "_mask" for k in keys if k.endswith("weight")}
+    groups = gf.sparse_info(sparse).channel_groups
+    (heads,) = [g for g in groups if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.size == 4 and not heads.pinned
+    assert {(m.role, m.weight, m.offset, m.repeat) for m in heads.members} == {
+        ("row", "att.in_proj_weight", 0, 8), ("row", "att.in_proj_weight", 32, 8),
+        ("row", "att.in_proj_weight", 64, 8), ("column", "att.out_proj.weight", 0, 8)}
+    # the residual stream (width 32) is read by the attention's projection and made by its output projection
+    (stream,) = [g for g in groups if any(m.weight == "inp.weight" for m in g.members)]
+    assert not stream.pinned and {("column", "att.in_proj_weight"), ("row", "att.out_proj.weight")} <= {
+        (m.role, m.weight) for m in stream.members}
+
+
+def test_attention_weights_that_reach_the_output_keep_the_heads():
+    class Weights(Block):
+        def forward(self, x):
+            h = self.inp(x)
+            a, w = self.att(h, h, h)
+            return self.out(a.mean(1)), w           # the weights average every head
+
+    sparse = gf.sparsify(Weights(), channel_config(), example_inputs=(torch.randn(2, 5, 8),))
+    (heads,) = [g for g in gf.sparse_info(sparse).channel_groups
+                if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.pinned
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention alone (16 wide, heads of 4), the shape test_heads.granet_on_heads trains."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.att = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.att(x, x, x, need_weights=False)[0]
+
+
+def by_hand(att, x, heads):
+    """The attention of ``att`` (batch first, self-attention) over the given heads only, a head at a time."""
+    w, dim = att.head_dim, att.out_proj.weight.shape[0]
+    weight, bias = att.in_proj_weight, att.in_proj_bias
+    out = att.out_proj.bias.expand(*x.shape[:2], -1).clone()
+    for h in heads:
+        q, k, v = (x @ weight[p * dim + h * w:p * dim + (h + 1) * w].T + bias[p * dim + h * w:p * dim + (h + 1) * w]
+                   for p in range(3))
+        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(w), dim=-1) @ v
+        out = out + a @ att.out_proj.weight[:, h * w:(h + 1) * w].T
+    return out
+
+
+def test_by_hand_is_torchs_attention():
+    att = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(by_hand(att, x, range(4)), att(x, x, x)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_granet_keeps_whole_heads_and_compact_removes_them():
+    """Channel GraNet with regrowth: every step masks whole heads; compact cuts them out of q, k, v and
+    out_proj, and the module's sizes follow."""
+
+    def whole_heads(sparse):
+        columns = sparse.get_buffer("att.out_proj.weight_mask").view(16, 4, 4)   # (out, head, channel of the head)
+        assert bool((columns == columns[:1, :, :1]).all()), "a head is masked only in part"
+
+    torch.manual_seed(0)
+    sparse = granet_on_heads(Attention(), whole_heads)
+    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0]
+    assert int(kept.sum()) == 2
+    x = torch.randn(3, 5, 16)
+    small = gf.compact(sparse, x)
+    att = small.att
+    assert tuple(att.in_proj_weight.shape) == (24, 16) and tuple(att.in_proj_bias.shape) == (24,)
+    assert tuple(att.out_proj.weight.shape) == (16, 8) and att.out_proj.in_features == 8
+    assert (att.split_size, att.num_heads, att.head_dim, att.embed_dim) == (8, 2, 4, 16)
+    folded = gf.fold(sparse).att
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), by_hand(folded, x, kept.nonzero().squeeze(1).tolist()))
+        torch.testing.assert_close(small(x), sparse.eval()(x), atol=1e-6, rtol=1e-5)
+        # the compacted module runs every path: weights over its 2 heads, cross-attention, masks
+        y = torch.randn(3, 7, 16)
+        out, weights = att(x, y, y, key_padding_mask=torch.zeros(3, 7, dtype=torch.bool))
+        assert out.shape == (3, 5, 16) and weights.shape == (3, 5, 7)
+
+
+def test_the_residual_stream_through_the_attention_compacts():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    sparse = gf.sparsify(Block(), channel_config(), example_inputs=(x,))
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    sparse.eval()
+    small = gf.compact(sparse, x)
+    att = small.att
+    stream = att.in_proj_weight.shape[1]
+    assert stream < 32 and att.num_heads < 4
+    assert (att.embed_dim, att.split_size) == (stream, att.num_heads * 8)
+    assert tuple(att.out_proj.weight.shape) == (stream, att.split_size) and small.fc1.in_features == stream
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), sparse(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_granet_export_compacts_the_heads(tmp_path):
+    torch.manual_seed(0)
+    model = Attention()
+    sparse = gf.sparsify(model, channel_config(), example_inputs=(torch.randn(2, 5, 16),))
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    assert len(kept) == 2
+    x = torch.randn(2, 5, 16)
+    gf.save(sparse, tmp_path / "m.pt", example_inputs=(x,))
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
+    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "removed 2 of" in run.stdout, run.stdout
+    import onnx
+    import onnxruntime
+
+    shapes = Counter(tuple(i.dims) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer)
+    assert not {(48, 16), (16, 48), (16, 16)} & set(shapes), shapes          # no projection of 4 heads is left
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), by_hand(gf.fold(sparse).att, x, kept), atol=1e-5,
+                                   rtol=1e-5)
+
+
+class Options(nn.Module):
+    """Attentions that keep torch's class, and a cross-attention, beside an MLP whose channels can go."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.kdim = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True)
+        self.bias_kv = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+        self.zero = nn.MultiheadAttention(16, 4, add_zero_attn=True, batch_first=True)
+        self.cross = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.kdim(h, x, x)[0] + self.bias_kv(h, h, h)[0] + self.zero(h, h, h)[0]
+        h = h + self.cross(h, h.flip(1), h.flip(1))[0]
+        return self.fc2(torch.relu(self.fc1(self.layer(h))))
+
+
+def test_other_options_keep_torchs_module_and_their_heads_quietly():
+    torch.manual_seed(0)
+    model = Options()
+    reference = copy.deepcopy(model).eval()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse = gf.sparsify(model, channel_config(), example_inputs=(x,))
+    # the one warning is the dense bias_k and bias_v (as before): nothing about attention heads
+    assert [str(w.message).count("stays dense") for w in caught] == [2], [str(w.message) for w in caught]
+    assert "bias_kv.bias_k" in str(caught[0].message) and "bias_kv.bias_v" in str(caught[0].message)
+    for name in ("kdim", "bias_kv", "zero", "layer.self_attn"):
+        assert type(sparse.get_submodule(name)) is nn.MultiheadAttention, name
+    assert type(sparse.cross) is SplitHeadsAttention      # converted, but cross-attention's heads stay
+    groups = gf.sparse_info(sparse).channel_groups
+    for g in groups:
+        if any("in_proj_weight" in m.weight or "out_proj" in m.weight for m in g.members if m.weight):
+            assert g.pinned, g
+    assert any(not g.pinned and any(m.weight == "fc1.weight" for m in g.rows) for g in groups)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.eval()(x), reference(x), atol=1e-6, rtol=1e-5)   # still all kept
+
+
+def test_unstructured_sparsity_keeps_torchs_module():
+    model = Block()
+    sparse = gf.sparsify(model, gf.GraNetConfig(final_sparsity=0.5, total_steps=10),
+                         example_inputs=(torch.randn(2, 5, 8),))
+    assert type(sparse.att) is nn.MultiheadAttention
+    assert {"att.in_proj_weight", "att.out_proj.weight"} <= {l.name for l in gf.sparse_info(sparse).masked}
