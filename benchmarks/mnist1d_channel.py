@@ -12,6 +12,7 @@ so that both spend the same conv/linear FLOPs at inference. The dense model
 gives the reference. Same recipe for all (granet_fx.mnist1d.train_mnist1d,
 eager mode); mean and standard deviation over the seeds.
 
+``--render RUN.json`` rewrites the table of a ``--compare`` run from its JSON.
 With ``--compare FIELD=A,B,...`` it trains channel GraNet only, once per
 value of that GraNetConfig field (channel_floor, channel_multiple) with the
 same seeds, and reports each value's accuracy, its compacted FLOPs and the
@@ -22,6 +23,7 @@ same data order, same initial weights).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -47,7 +49,15 @@ def main() -> None:
                         "GraNetConfig field, paired by seed (for example channel_floor=0,0.5)")
     parser.add_argument("--out", help="output path without extension (default benchmarks/results/mnist1d_channel, "
                         "with --compare mnist1d_channel_<field without 'channel_'>)")
+    parser.add_argument("--render", metavar="JSON", help="write the table of an earlier --compare run from its JSON "
+                        "(next to it, .txt), without training")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            text = compare_text(json.load(f))
+        write_atomic(os.path.splitext(args.render)[0] + ".txt", text)
+        print(text)
+        return
     if args.compare:
         compare(args)
         return
@@ -115,6 +125,9 @@ def main() -> None:
     write_atomic(args.out + ".txt", text)
 
 
+CHANCE = 0.2   # a run below this test accuracy ended at chance (10 classes): its ReLUs died
+
+
 def _stats(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
@@ -148,12 +161,26 @@ def compare(args) -> None:
                 widths = [m.out_channels for m in compacted.modules() if isinstance(m, torch.nn.Conv1d)]
                 runs.append({"channel_sparsity": sparsity, "seed": seed, field: value, "accuracy": result.accuracy,
                              "flops": gf.compaction_report(compacted).flops_ratio, "conv_widths": widths})
-    cmd = command()
-    lines = [f"$ {cmd}",
-             f"MNIST-1D (10,000 samples), Mnist1dCNN (3 conv layers of 64 channels), channel GraNet, {args.steps} "
-             f"steps, seeds {seeds}, eager, {args.threads} threads; {field} in {values}, paired by seed", ""]
-    rows = [("channel sparsity", field, "test acc %", "inference FLOPs (x dense)", "mean conv widths",
-             f"acc - acc at {values[0]} (pp)", "better / worse / same")]
+    found = {"command": command(), "steps": args.steps, "threads": args.threads, "field": field, "values": values,
+             "runs": runs}
+    text = compare_text(found)
+    print(text)
+    write_json(found, out + ".json")
+    write_atomic(out + ".txt", text)
+
+
+def compare_text(data: dict) -> str:
+    """The table of a ``--compare`` run (``data`` as its JSON holds it)."""
+    field, values, runs = data["field"], data["values"], data["runs"]
+    sparsities = sorted({r["channel_sparsity"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [f"$ {data['command']}",
+             f"MNIST-1D (10,000 samples), Mnist1dCNN (3 conv layers of 64 channels), channel GraNet, {data['steps']} "
+             f"steps, seeds {seeds}, eager, {data.get('threads', 1)} threads; {field} in {values}, paired by seed",
+             ""]
+    rows = [("channel sparsity", field, "test acc %", "median %", f"at chance (< {100 * CHANCE:.0f} %)",
+             "inference FLOPs (x dense)", "mean conv widths", f"acc - acc at {values[0]} (pp)",
+             "better / worse / same")]
     for sparsity in sparsities:
         base = {r["seed"]: r["accuracy"] for r in runs if r["channel_sparsity"] == sparsity and r[field] == values[0]}
         for value in values:
@@ -161,7 +188,9 @@ def compare(args) -> None:
             diffs = [r["accuracy"] - base[r["seed"]] for r in mine]
             widths = [statistics.mean(w) for w in zip(*(r["conv_widths"] for r in mine))]
             counts = (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs))
-            rows.append((f"{sparsity:.2f}", str(value), _stats([r["accuracy"] for r in mine]),
+            accuracies = [r["accuracy"] for r in mine]
+            rows.append((f"{sparsity:.2f}", str(value), _stats(accuracies), f"{100 * statistics.median(accuracies):.2f}",
+                         f"{sum(a < CHANCE for a in accuracies)} of {len(accuracies)}",
                          f"{statistics.mean(r['flops'] for r in mine):.4f}", " ".join(f"{w:.1f}" for w in widths),
                          "-" if value == values[0] else _stats(diffs),
                          "-" if value == values[0] else "/".join(map(str, counts))))
@@ -170,10 +199,7 @@ def compare(args) -> None:
     for r in runs:
         lines.append(f"  s={r['channel_sparsity']:.2f} seed {r['seed']} {field}={r[field]}: "
                      f"{100 * r['accuracy']:.2f} %, FLOPs {r['flops']:.4f}, conv widths {r['conv_widths']}")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_json({"command": cmd, "steps": args.steps, "field": field, "values": values, "runs": runs}, out + ".json")
-    write_atomic(out + ".txt", text)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

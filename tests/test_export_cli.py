@@ -348,3 +348,36 @@ def test_int8_agreement_below_the_minimum_writes_nothing(archive, tmp_path, caps
                          "--calibration", tmp_path / "two.npz")
     assert code == 2 and "holds 2 arrays; the model takes 1" in err and len(err.strip().splitlines()[-1:]) == 1
     assert not (tmp_path / "int8.onnx").exists()
+
+
+class TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("multiple, note", [
+    (1, "2 convolutions kept a channel count that is not a multiple of 8 (13, 6)"),
+    pytest.param(8, None, marks=pytest.mark.slow)])
+def test_compact_names_conv_widths_that_run_slow(tmp_path, multiple, note):
+    """Each group keeps round(0.4 x its size) channels (scope="layer"): 13 of 32 and 6 of 16, or with
+    channel_multiple=8 the nearest multiples, 16 and 8, which need no note."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    config = gf.GraNetConfig(method="gmp", granularity="channel", scope="layer", final_sparsity=0.6, total_steps=1,
+                             prune_end=1, update_every=1, channel_multiple=multiple)
+    model = gf.sparsify(TwoConvs(), config, example_inputs=(x,))
+    gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.0)).step()
+    gf.save(model.eval(), tmp_path / "m.pt", example_inputs=(x,))
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
+    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    if note is None:
+        assert "not a multiple of 8" not in run.stdout
+    else:
+        assert note in run.stdout and "channel_multiple='measured'" in run.stdout

@@ -139,7 +139,9 @@ def _export(args) -> int:
     start = time.perf_counter()
     compaction = None
     if args.compact:
+        before = source.module if source.module is not None else source.program.module()
         source, compaction = _compacted(source)
+        widths_note = odd_widths_note(before, source.module)
         args.dynamic_batch = args.dynamic_batch or source.dynamic_batch
     _progress("exporting to ONNX (torch.export, then torch.onnx.export with dynamo)")
     program = _program(source, args.dynamic_batch)
@@ -159,6 +161,8 @@ def _export(args) -> int:
     print(summary(source, dense.ByteSize(), len(data), sparse_names, args.dense_initializers))
     if compaction is not None:
         print(compaction)
+        if widths_note:
+            print(widths_note)
     print(f"onnxruntime vs reference outputs: max abs error {error:.3g} "
           f"(tolerance {args.tolerance:g} x max(1, max|reference|) = {limit:.3g})")
     if not error <= limit:
@@ -242,6 +246,20 @@ def _compacted(source: Source) -> tuple[Source, CompactionReport]:
     except Exception as e:
         raise ExportError(f"compaction failed: {first_line(e)}") from None
     return replace(source, module=compacted, program=None), compaction_report(compacted)
+
+
+def odd_widths_note(before: nn.Module, after: nn.Module) -> str:
+    """A note naming the 2-D convolutions that compaction narrowed to a channel count that is not a
+    multiple of 8 (onnxruntime's NCHWc kernels take such counts on a slower path); "" if there are none."""
+    shapes = {name: p.shape for name, p in before.named_parameters()}
+    odd = [int(p.shape[0]) for name, p in after.named_parameters()
+           if p.ndim == 4 and name in shapes and shapes[name][0] != p.shape[0] and p.shape[0] % 8]
+    if not odd:
+        return ""
+    return (f"note: {len(odd)} convolution{'s' if len(odd) != 1 else ''} kept a channel count that is not a "
+            f"multiple of 8 ({', '.join(map(str, odd[:6]))}{', ...' if len(odd) > 6 else ''}); onnxruntime's CPU "
+            "convolutions run such counts slower: train with GraNetConfig(channel_multiple='measured') (or 16) "
+            "to keep counts that run fast (README: channel pruning)")
 
 
 def _program(source: Source, dynamic_batch: bool) -> torch.export.ExportedProgram:
