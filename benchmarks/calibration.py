@@ -56,10 +56,8 @@ def main() -> None:
         tensors, groups = groups_of(name, args.sparsity)
         for i, g in enumerate(groups):
             shapes = calibrate.group_shapes(tensors, g)
-            kept = max(1, round((1 - args.sparsity) * g.size))
-            base = 32 * (max(kept - 1, 0) // 32)
-            largest = max(1, g.size // 2)
-            widths = [base + p for p in calibrate.PERIODS if p <= largest]
+            kept = calibrate.kept_channels(g.size, 1 - args.sparsity)
+            base, largest, widths = calibrate.measured_widths(kept, g.size)
             times = calibrate.time_widths(shapes, widths)
             multiple = calibrate.period(times, base, largest)
             lines.append(f"{name} group {i}: {g.size} channels, {len(shapes)} layers, keeps {kept}; "

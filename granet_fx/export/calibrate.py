@@ -26,6 +26,7 @@ like ``"auto"``, belong to the machine that trains.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -151,10 +152,24 @@ def _read_cache(path: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+@functools.cache
 def _cpu() -> str:
     from .bench import machine
 
     return machine()["cpu"]
+
+
+def measured_widths(kept: int, size: int) -> tuple[int, int, list[int]]:
+    """(base, largest period, widths) that ``measured_period`` times for a group keeping ``kept`` of its
+    ``size`` channels: ``base`` the multiple of 32 below ``kept``, periods at most half the group."""
+    base = 32 * (max(kept - 1, 0) // 32)
+    largest = max(1, size // 2)
+    return base, largest, [base + p for p in PERIODS if p <= largest]
+
+
+def kept_channels(size: int, density: float) -> int:
+    """The channels a group of ``size`` keeps at ``density`` (at least one)."""
+    return max(1, round(density * size))
 
 
 def measured_period(shapes: Sequence[LayerShape], kept: int, size: int, threads: int = 1) -> int:
@@ -164,8 +179,7 @@ def measured_period(shapes: Sequence[LayerShape], kept: int, size: int, threads:
 
     if not shapes:
         return 1
-    base = 32 * (max(kept - 1, 0) // 32)
-    largest = max(1, size // 2)
+    base, largest, widths = measured_widths(kept, size)
     key = json.dumps([_cpu(), ort.__version__, threads, base, largest, [astuple(s) for s in shapes]])
     if key in _measured:
         return _measured[key]
@@ -174,7 +188,6 @@ def measured_period(shapes: Sequence[LayerShape], kept: int, size: int, threads:
     if isinstance(cached.get(key), int):
         _measured[key] = cached[key]
         return cached[key]
-    widths = [base + p for p in PERIODS if p <= largest]
     try:
         found = period(time_widths(shapes, widths, threads), base, largest)
     except Exception as e:   # onnxruntime refused a layer: the group keeps any number of channels
@@ -197,5 +210,5 @@ def measured_multiples(tensors: dict[str, torch.Tensor], groups: Sequence, densi
                        threads: int = 1) -> list[int]:
     """Per ``ChannelGroup``, the multiple of its channels to keep: ``measured_period`` of its layers at
     ``density`` of its channels (counted in the group's channels: a head is one)."""
-    return [measured_period(group_shapes(tensors, g), max(1, round(density * g.size)), g.size, threads)
+    return [measured_period(group_shapes(tensors, g), kept_channels(g.size, density), g.size, threads)
             for g in groups]

@@ -139,9 +139,7 @@ def _export(args) -> int:
     start = time.perf_counter()
     compaction = None
     if args.compact:
-        before = source.module if source.module is not None else source.program.module()
-        source, compaction = _compacted(source)
-        widths_note = odd_widths_note(before, source.module)
+        source, compaction, widths_note = _compacted(source)
         args.dynamic_batch = args.dynamic_batch or source.dynamic_batch
     _progress("exporting to ONNX (torch.export, then torch.onnx.export with dynamo)")
     program = _program(source, args.dynamic_batch)
@@ -237,15 +235,17 @@ def _quantized(args, float_model: bytes, source: Source) -> bytes:
     return int8
 
 
-def _compacted(source: Source) -> tuple[Source, CompactionReport]:
-    """``source`` with its channels that compute nothing removed (a module to export again)."""
+def _compacted(source: Source) -> tuple[Source, CompactionReport, str]:
+    """``source`` with its channels that compute nothing removed (a module to export again), the report,
+    and ``odd_widths_note``."""
     _progress("compacting: removing the channels that compute nothing")
     module = source.module if source.module is not None else source.program.module()
     try:
         compacted = compact(module, source.inputs)
     except Exception as e:
         raise ExportError(f"compaction failed: {first_line(e)}") from None
-    return replace(source, module=compacted, program=None), compaction_report(compacted)
+    return (replace(source, module=compacted, program=None), compaction_report(compacted),
+            odd_widths_note(module, compacted))
 
 
 def odd_widths_note(before: nn.Module, after: nn.Module) -> str:
