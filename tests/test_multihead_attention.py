@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import granet_fx as gf
-from granet_fx.passes.attention import SplitHeadsAttention, split_attention_heads
+from granet_fx.passes.attention import SplitHeadsAttention, SplitHeadsEncoderLayer, split_attention_heads
 
 from test_heads import granet_on_heads
 
@@ -247,6 +247,10 @@ def test_granet_export_compacts_the_heads(tmp_path):
                                    rtol=1e-5)
 
 
+class OwnEncoderLayer(nn.TransformerEncoderLayer):
+    """A user's subclass of torch's encoder layer: its forward may be anything, so it keeps torch's classes."""
+
+
 class Options(nn.Module):
     """Attentions that keep torch's class, and a cross-attention, beside an MLP whose channels can go."""
 
@@ -257,7 +261,7 @@ class Options(nn.Module):
         self.bias_kv = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
         self.zero = nn.MultiheadAttention(16, 4, add_zero_attn=True, batch_first=True)
         self.cross = nn.MultiheadAttention(16, 4, batch_first=True)
-        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.layer = OwnEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
 
     def forward(self, x):
@@ -280,6 +284,7 @@ def test_other_options_keep_torchs_module_and_their_heads_quietly():
     assert "bias_kv.bias_k" in str(caught[0].message) and "bias_kv.bias_v" in str(caught[0].message)
     for name in ("kdim", "bias_kv", "zero", "layer.self_attn"):
         assert type(sparse.get_submodule(name)) is nn.MultiheadAttention, name
+    assert type(sparse.layer) is OwnEncoderLayer
     assert type(sparse.cross) is SplitHeadsAttention      # converted, but cross-attention's heads stay
     groups = gf.sparse_info(sparse).channel_groups
     for g in groups:
@@ -296,3 +301,83 @@ def test_unstructured_sparsity_keeps_torchs_module():
                          example_inputs=(torch.randn(2, 5, 8),))
     assert type(sparse.att) is nn.MultiheadAttention
     assert {"att.in_proj_weight", "att.out_proj.weight"} <= {l.name for l in gf.sparse_info(sparse).masked}
+
+
+# torch's Transformer layers ------------------------------------------------------------------------------
+
+
+def encoder_pair(norm_first, batch_first, nested):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, norm_first=norm_first, batch_first=batch_first)
+    reference = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+    ours = copy.deepcopy(reference)
+    assert split_attention_heads(ours) == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(type(m) is SplitHeadsEncoderLayer for m in ours.layers)
+    return reference, ours
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_layers_compute_what_torchs_compute(norm_first, batch_first):
+    """In training and in eval, with and without grad (torch's fused inference op), with a padding mask, a
+    causal mask or none, against torch's own encoder; padded positions apart, which torch's nested-tensor
+    path sets to zero and the module path computes."""
+    reference, ours = encoder_pair(norm_first, batch_first, nested=True)
+    x = torch.randn(3, 6, 16)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = padding[2, 5:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    for training, grad in ((True, True), (False, True), (False, False)):
+        reference.train(training), ours.train(training)
+        for kw in ({}, {"src_key_padding_mask": padding}, {"mask": causal, "is_causal": True}):
+            src = x if batch_first else x.transpose(0, 1)
+            with torch.set_grad_enabled(grad):
+                expected, got = reference(src, **kw), ours(src, **kw)
+            if not batch_first:
+                expected, got = expected.transpose(0, 1), got.transpose(0, 1)
+            if "src_key_padding_mask" in kw:
+                expected, got = expected[~padding], got[~padding]
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+class Seq2Seq(nn.Module):
+    """torch's encoder (two layers) and decoder layer, between a linear input and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.decoder = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        memory = self.encoder(h)
+        return self.out(self.decoder(h.flip(1), memory).mean(1))
+
+
+def test_transformer_layers_lose_whole_heads_of_their_self_attention():
+    """Channel pruning to 50% on torch's layers: the self-attention of each encoder layer and of the decoder
+    layer keeps whole heads, and compact removes the others; the decoder's cross-attention keeps its four.
+    The compacted model computes the masked model's outputs in eval without grad, where torch's layers would
+    take their fused op."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    sparse = gf.sparsify(Seq2Seq(), channel_config(), example_inputs=(x,))
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    names = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "decoder.self_attn"]
+    heads = {}
+    for name in names:
+        mask = sparse.get_buffer(f"{name}.out_proj.weight_mask").view(16, 4, 4)   # (out, head, channel)
+        assert bool((mask == mask[:1, :, :1]).all()), f"{name}: a head is masked only in part"
+        heads[name] = int(mask[0, :, 0].sum())
+    assert sum(heads.values()) < 12, heads
+    sparse.eval()
+    small = gf.compact(sparse, x)
+    for name in names:
+        att = small.get_submodule(name)
+        assert att.num_heads == heads[name] and tuple(att.in_proj_weight.shape[:1]) == (3 * 4 * heads[name],)
+    assert small.decoder.multihead_attn.num_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), sparse(x), atol=1e-5, rtol=1e-5)

@@ -20,8 +20,17 @@ The fused split applies to self-attention (``query is key is value``); other
 calls project query, key and value with the three slices of the weight, which
 channel analysis does not follow (their channels stay, as before). Modules with
 ``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v`` or
-``add_zero_attn``, and those inside torch's Transformer layers (whose inference
-path bypasses the module's forward), keep torch's class.
+``add_zero_attn`` keep torch's class.
+
+In ``nn.TransformerDecoderLayer`` the self-attention's heads go; its
+cross-attention (``multihead_attn``) keeps them. ``nn.TransformerEncoderLayer``
+in inference hands the attention's weights to one fused op that assumes every
+head spans ``embed_dim``, bypassing the module's forward: such a layer (torch's
+class itself, not a subclass) becomes ``SplitHeadsEncoderLayer``, which always
+takes the layer's module path (the one torch takes in training), and an
+``nn.TransformerEncoder`` holding it stops packing padded batches into nested
+tensors (torch's fused path, whose outputs at padded positions are zeros; the
+module path computes them, as in training).
 """
 
 from __future__ import annotations
@@ -32,7 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+class SplitHeadsEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` that always computes through its modules (``self_attn``, a
+    ``SplitHeadsAttention``, then the feed-forward block), as torch's layer does in training: never through
+    torch's fused inference op, which reads the attention's weights itself and breaks once heads are gone."""
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
 
 
 class SplitHeadsAttention(nn.MultiheadAttention):
@@ -141,8 +162,8 @@ def why_not_split(module: nn.MultiheadAttention, parent: nn.Module | None = None
         return "it has bias_k/bias_v"
     if module.add_zero_attn:
         return "add_zero_attn"
-    if isinstance(parent, _TORCH_LAYERS):
-        return f"it is the attention of a {type(parent).__name__}"
+    if isinstance(parent, nn.TransformerEncoderLayer) and type(parent) is not nn.TransformerEncoderLayer:
+        return f"it is the attention of {type(parent).__name__}, a subclass of nn.TransformerEncoderLayer"
     return ""
 
 
@@ -152,8 +173,15 @@ def split_attention_heads(model: nn.Module) -> list[str]:
     parents = {id(child): m for m in model.modules() for child in m.children()}
     found = []
     for name, module in model.named_modules():
-        if type(module) is nn.MultiheadAttention and not why_not_split(module, parents.get(id(module))):
+        parent = parents.get(id(module))
+        if type(module) is nn.MultiheadAttention and not why_not_split(module, parent):
             module.__class__ = SplitHeadsAttention
             module.split_size = module.embed_dim
             found.append(name)
+            if type(parent) is nn.TransformerEncoderLayer and parent.self_attn is module:
+                parent.__class__ = SplitHeadsEncoderLayer
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, SplitHeadsEncoderLayer)
+                                                              for m in module.layers):
+            module.use_nested_tensor = False
     return found
