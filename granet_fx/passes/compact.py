@@ -32,6 +32,7 @@ exact in eval mode (batch norm uses its running statistics).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +109,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     # fold() computes exactly what the masked model computes, so it is the reference.
-    new = fold(model) if getattr(model, INFO_ATTR, None) is not None else copy.deepcopy(model)
+    new = fold(model) if getattr(model, INFO_ATTR, None) is not None else _copy(model)
     for name in ("train", "eval"):  # ExportedProgram.module() refuses mode changes; its copy may have them
         vars(new).pop(name, None)
     new.eval()
@@ -165,6 +166,14 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
     )
     setattr(new, REPORT_ATTR, report)
     return new
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. An ExportedProgram's module holds pytree specs whose copy makes torch warn
+    of its own deprecated ``LeafSpec`` class, which the user can do nothing about: that warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+        return copy.deepcopy(model)
 
 
 # Deciding ---------------------------------------------------------------------
