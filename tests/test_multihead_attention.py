@@ -1,7 +1,7 @@
 """nn.MultiheadAttention under channel pruning: sparsify gives it the class SplitHeadsAttention, which computes
 what torch's module computes (checked against torch's module for each option) in a form whose heads channel
-analysis follows; whole heads are pruned, compacted in Python and through granet-export, checked against
-attention computed by hand over the kept heads."""
+analysis follows; whole heads are pruned (self- and cross-attention, alone or in torch's Transformer layers),
+compacted in Python and through granet-export, checked against attention computed by hand over the kept heads."""
 
 import copy
 import itertools
@@ -156,14 +156,16 @@ class Attention(nn.Module):
         return self.att(x, x, x, need_weights=False)[0]
 
 
-def by_hand(att, x, heads):
-    """The attention of ``att`` (batch first, self-attention) over the given heads only, a head at a time."""
+def by_hand(att, x, heads, memory=None):
+    """The attention of ``att`` (batch first; of ``x`` to ``memory``, itself by default) over the given heads
+    only, a head at a time."""
     w, dim = att.head_dim, att.out_proj.weight.shape[0]
     weight, bias = att.in_proj_weight, att.in_proj_bias
     out = att.out_proj.bias.expand(*x.shape[:2], -1).clone()
+    sources = (x, x, x) if memory is None else (x, memory, memory)
     for h in heads:
-        q, k, v = (x @ weight[p * dim + h * w:p * dim + (h + 1) * w].T + bias[p * dim + h * w:p * dim + (h + 1) * w]
-                   for p in range(3))
+        q, k, v = (s @ weight[p * dim + h * w:p * dim + (h + 1) * w].T + bias[p * dim + h * w:p * dim + (h + 1) * w]
+                   for p, s in enumerate(sources))
         a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(w), dim=-1) @ v
         out = out + a @ att.out_proj.weight[:, h * w:(h + 1) * w].T
     return out
@@ -202,6 +204,51 @@ def test_granet_keeps_whole_heads_and_compact_removes_them():
         y = torch.randn(3, 7, 16)
         out, weights = att(x, y, y, key_padding_mask=torch.zeros(3, 7, dtype=torch.bool))
         assert out.shape == (3, 5, 16) and weights.shape == (3, 5, 7)
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence, keys and values from another, each through its own linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_in, self.kv_in = nn.Linear(8, 16), nn.Linear(6, 16)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, memory):
+        h, m = self.q_in(x), self.kv_in(memory)
+        return self.out(self.att(h, m, m, need_weights=False)[0])
+
+
+def test_cross_attention_loses_whole_heads():
+    """In cross-attention the query, key and value projections are slices of one weight: a head is rows of
+    each slice and columns of out_proj, and the two input sequences share the weight's input channels, so
+    they keep the same ones. compact removes heads and input channels; the result is the attention computed
+    by hand over the kept heads."""
+    torch.manual_seed(0)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    sparse = gf.sparsify(CrossAttention(), channel_config(), example_inputs=(x, memory))
+    groups = gf.sparse_info(sparse).channel_groups
+    (heads,) = [g for g in groups if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.size == 4 and not heads.pinned
+    assert {(m.role, m.weight, m.offset, m.repeat) for m in heads.members} == {
+        ("row", "att.in_proj_weight", 0, 4), ("row", "att.in_proj_weight", 16, 4),
+        ("row", "att.in_proj_weight", 32, 4), ("column", "att.out_proj.weight", 0, 4)}
+    (inputs,) = [g for g in groups if any(m.weight == "q_in.weight" for m in g.members)]
+    assert {(m.role, m.weight) for m in inputs.members} >= {
+        ("row", "q_in.weight"), ("row", "kv_in.weight"), ("column", "att.in_proj_weight")}
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    assert 0 < len(kept) < 4
+    small = gf.compact(sparse.eval(), (x, memory))
+    att = small.att
+    assert (att.num_heads, att.split_size) == (len(kept), 4 * len(kept))
+    assert att.in_proj_weight.shape[0] == 12 * len(kept) and small.q_in.out_features == att.embed_dim
+    folded = gf.fold(sparse)
+    with torch.no_grad():
+        h, m = folded.q_in(x), folded.kv_in(memory)
+        torch.testing.assert_close(small(x, memory), folded.out(by_hand(folded.att, h, kept, m)), atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_the_residual_stream_through_the_attention_compacts():
@@ -285,10 +332,11 @@ def test_other_options_keep_torchs_module_and_their_heads_quietly():
     for name in ("kdim", "bias_kv", "zero", "layer.self_attn"):
         assert type(sparse.get_submodule(name)) is nn.MultiheadAttention, name
     assert type(sparse.layer) is OwnEncoderLayer
-    assert type(sparse.cross) is SplitHeadsAttention      # converted, but cross-attention's heads stay
+    assert type(sparse.cross) is SplitHeadsAttention
     groups = gf.sparse_info(sparse).channel_groups
     for g in groups:
-        if any("in_proj_weight" in m.weight or "out_proj" in m.weight for m in g.members if m.weight):
+        if any(("in_proj_weight" in m.weight or "out_proj" in m.weight) and not m.weight.startswith("cross.")
+               for m in g.members if m.weight):
             assert g.pinned, g
     assert any(not g.pinned and any(m.weight == "fc1.weight" for m in g.rows) for g in groups)
     with torch.no_grad():
@@ -357,27 +405,27 @@ class Seq2Seq(nn.Module):
         return self.out(self.decoder(h.flip(1), memory).mean(1))
 
 
-def test_transformer_layers_lose_whole_heads_of_their_self_attention():
+def test_transformer_layers_lose_whole_heads():
     """Channel pruning to 50% on torch's layers: the self-attention of each encoder layer and of the decoder
-    layer keeps whole heads, and compact removes the others; the decoder's cross-attention keeps its four.
+    layer, and the decoder's cross-attention, keep whole heads, and compact removes the others.
     The compacted model computes the masked model's outputs in eval without grad, where torch's layers would
     take their fused op."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
     sparse = gf.sparsify(Seq2Seq(), channel_config(), example_inputs=(x,))
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
-    names = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "decoder.self_attn"]
+    names = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "decoder.self_attn",
+             "decoder.multihead_attn"]
     heads = {}
     for name in names:
         mask = sparse.get_buffer(f"{name}.out_proj.weight_mask").view(16, 4, 4)   # (out, head, channel)
         assert bool((mask == mask[:1, :, :1]).all()), f"{name}: a head is masked only in part"
         heads[name] = int(mask[0, :, 0].sum())
-    assert sum(heads.values()) < 12, heads
+    assert sum(heads.values()) < 16, heads
     sparse.eval()
     small = gf.compact(sparse, x)
     for name in names:
         att = small.get_submodule(name)
         assert att.num_heads == heads[name] and tuple(att.in_proj_weight.shape[:1]) == (3 * 4 * heads[name],)
-    assert small.decoder.multihead_attn.num_heads == 4
     with torch.no_grad():
         torch.testing.assert_close(small(x), sparse(x), atol=1e-5, rtol=1e-5)

@@ -17,13 +17,14 @@ module; the module stays a module call in traced graphs (fx would write
 torch's module's are.
 
 The fused split applies to self-attention (``query is key is value``); other
-calls project query, key and value with the three slices of the weight, which
-channel analysis does not follow (their channels stay, as before). Modules with
-``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v`` or
+calls (cross-attention) project query, key and value with the three slices of
+the weight, ``in_proj_weight.split(split_size)``: a head is then rows of each
+slice (channel analysis follows a linear layer that reads rows of a split
+weight), and the sequences read share the weight's input channels. Modules
+with ``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v`` or
 ``add_zero_attn`` keep torch's class.
 
-In ``nn.TransformerDecoderLayer`` the self-attention's heads go; its
-cross-attention (``multihead_attn``) keeps them. ``nn.TransformerEncoderLayer``
+In ``nn.TransformerDecoderLayer`` both attentions lose heads. ``nn.TransformerEncoderLayer``
 in inference hands the attention's weights to one fused op that assumes every
 head spans ``embed_dim``, bypassing the module's forward: such a layer (torch's
 class itself, not a subclass) becomes ``SplitHeadsEncoderLayer``, which always

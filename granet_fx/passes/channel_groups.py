@@ -476,13 +476,18 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     return pin_fixed_splits(model, find_groups(capture(model, example_inputs)))
 
 
-def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, int]:
+def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, float]:
     """For each conv/linear weight (a matmul's too) of a captured or exported graph, the output positions it
-    computes (batch x spatial, summed over its calls): its multiply-accumulates are that times its number of elements."""
-    positions: dict[str, int] = {}
+    computes (batch x spatial, summed over its calls): its multiply-accumulates are that times its number of
+    elements. A call with a piece of the weight (rows of a split) counts that share of the positions."""
+    positions: dict[str, float] = {}
     for node in gm.graph.nodes:
+        share = 1.0
         if node.op == "call_function" and (node.target in _CONVS or node.target is aten.linear.default):
-            weight = _weight_of(node.args[1])
+            piece, first = _row_piece(node.args[1])
+            weight = _weight_of(piece)
+            if weight is not None and piece is not node.args[1]:
+                share = _val(node.args[1]).shape[0] / _val(piece).shape[0]
         elif node.op == "call_function" and node.target in _MATMULS:
             found = _matmul_weight(node.args[2 if node.target is aten.addmm.default else 1])
             weight = found[0] if found else None
@@ -491,7 +496,7 @@ def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, int]:
         if weight is not None and _is_tensor(node):
             out = _val(node)
             channels = out.shape[1 if node.target in _CONVS else -1]
-            positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels
+            positions[weight[0]] = positions.get(weight[0], 0) + out.numel() // channels * share
     return positions
 
 
@@ -509,6 +514,16 @@ def _weight_of(node: Any) -> tuple[str, str | None] | None:
         if _val(w).dtype == torch.bool:
             return m.target, w.target
     return None
+
+
+def _row_piece(node: Any) -> tuple[Any, int]:
+    """(tensor, first row) of ``node`` when it is one piece of a tensor split along dimension 0 by equal
+    sizes (``nn.MultiheadAttention``'s query, key and value slices of ``in_proj_weight``); else (node, 0)."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        split, index = node.args[0], node.args[1]
+        if split.target is aten.split.Tensor and _arg(split, 2, "dim", 0) == 0 and isinstance(split.args[1], int):
+            return split.args[0], index * split.args[1]
+    return node, 0
 
 
 def _matmul_weight(node: Any) -> tuple[tuple[str, str | None], bool] | None:
@@ -588,7 +603,7 @@ class _Analysis:
     def add_member(self, member: Member, layout: _Layout) -> None:
         """Record tensors indexed by ``layout``; a tensor indexed twice couples the two layouts."""
         names = member.tensors()
-        key = (names[0] if names else None, member.dim)
+        key = (names[0] if names else None, member.dim, member.offset)   # pieces of one weight: apart
         if key[0] is not None and key in self.indexed:
             self.couple(self.indexed[key], layout, f"{key[0]} is used with different channels")
             return
@@ -707,8 +722,11 @@ class _Analysis:
         return out
 
     def linear(self, node: fx.Node) -> _Layout | None:
-        x, weight, bias = node.args[0], _weight_of(node.args[1]), _arg(node, 2, "bias")
-        if weight is None or (bias is not None and _weight_of(bias) is None):
+        """``F.linear`` with a parameter for its weight, or with rows ``first...`` of one (a piece of a split)."""
+        x, (weight, first), bias = node.args[0], _row_piece(node.args[1]), _arg(node, 2, "bias")
+        weight = _weight_of(weight)
+        bias, bias_first = _row_piece(bias)
+        if weight is None or (bias is not None and (_weight_of(bias) is None or bias_first != first)):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None
         layout = self.layouts.get(x)
@@ -718,8 +736,9 @@ class _Analysis:
                                 layout)
             else:
                 self.pin(layout, f"feeds {_describe(node)} along another dimension")
-        out = self.layer_output(node, weight[0], _val(node.args[1]).shape[0], _val(node).dim() - 1)
-        self.add_member(Member("row", weight[0], bias_name, weight[1], split=_pieces(out)), out)
+        name = weight[0] if not first else f"{weight[0]} [{first}:]"
+        out = self.layer_output(node, name, _val(node.args[1]).shape[0], _val(node).dim() - 1)
+        self.add_member(Member("row", weight[0], bias_name, weight[1], offset=first, split=_pieces(out)), out)
         return out
 
     def matmul(self, node: fx.Node) -> _Layout | None:
@@ -1039,7 +1058,8 @@ class _Analysis:
             for offset, segment in layout.with_offsets():
                 # a group's channel is ``unit`` channels of each space (a head): entries of the segment
                 repeat = segment.repeat * units_of[segment.space] // segment.unit
-                by_space[segment.space].members.append(replace(member, offset=offset, repeat=repeat))
+                by_space[segment.space].members.append(replace(member, offset=member.offset + offset,
+                                                               repeat=repeat))
         return groups
 
 

@@ -125,7 +125,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
                 g.pinned.append("the model's code writes their number")
     tensors = named_tensors(new)
     positions = layer_positions(graph)
-    macs_before = sum(n * tensors[w].numel() for w, n in positions.items())
+    macs_before = round(sum(n * tensors[w].numel() for w, n in positions.items()))
     values = _Probe(new, graph, inputs, {c.node for g in groups for c in g.columns})
     calls = _layer_calls(new)
 
@@ -161,7 +161,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
         raise RuntimeError(f"granet_fx: compaction changed the outputs by {error:.3g}; please report this model")
     report = CompactionReport(
         channels=sum(g.size for g in groups), removed=sum(len(r) for _, r in removals), kept=dict(kept),
-        macs_before=macs_before, macs_after=sum(n * new.get_parameter(w).numel() for w, n in positions.items()),
+        macs_before=macs_before, macs_after=round(sum(n * new.get_parameter(w).numel() for w, n in positions.items())),
         max_abs_error=error,
     )
     setattr(new, REPORT_ATTR, report)
