@@ -112,6 +112,17 @@ class Block(nn.Module):
         return self.out(h.mean(1 if self.batch_first else 0))
 
 
+def assert_four_free_heads(groups, width):
+    """``groups`` hold one free group of the 4 heads of ``att`` (``width`` wide): rows of each of the q, k and
+    v pieces of its projection and columns of its out_proj, a head's channels at a time."""
+    (heads,) = [g for g in groups if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.size == 4 and not heads.pinned
+    head = width // 4
+    assert {(m.role, m.weight, m.offset, m.repeat) for m in heads.members} == {
+        ("row", "att.in_proj_weight", 0, head), ("row", "att.in_proj_weight", width, head),
+        ("row", "att.in_proj_weight", 2 * width, head), ("column", "att.out_proj.weight", 0, head)}
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_heads_are_one_group_of_q_k_v_pieces_and_out_proj_columns(batch_first, need_weights):
@@ -121,11 +132,7 @@ def test_heads_are_one_group_of_q_k_v_pieces_and_out_proj_columns(batch_first, n
     assert type(sparse.att) is SplitHeadsAttention and sparse.att.split_size == 32
     assert set(sparse.state_dict()) == keys | {k + "_mask" for k in keys if k.endswith("weight")}
     groups = gf.sparse_info(sparse).channel_groups
-    (heads,) = [g for g in groups if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
-    assert heads.size == 4 and not heads.pinned
-    assert {(m.role, m.weight, m.offset, m.repeat) for m in heads.members} == {
-        ("row", "att.in_proj_weight", 0, 8), ("row", "att.in_proj_weight", 32, 8),
-        ("row", "att.in_proj_weight", 64, 8), ("column", "att.out_proj.weight", 0, 8)}
+    assert_four_free_heads(groups, width=32)
     # the residual stream (width 32) is read by the attention's projection and made by its output projection
     (stream,) = [g for g in groups if any(m.weight == "inp.weight" for m in g.members)]
     assert not stream.pinned and {("column", "att.in_proj_weight"), ("row", "att.out_proj.weight")} <= {
@@ -229,11 +236,7 @@ def test_cross_attention_loses_whole_heads():
     x, memory = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
     sparse = gf.sparsify(CrossAttention(), channel_config(), example_inputs=(x, memory))
     groups = gf.sparse_info(sparse).channel_groups
-    (heads,) = [g for g in groups if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
-    assert heads.size == 4 and not heads.pinned
-    assert {(m.role, m.weight, m.offset, m.repeat) for m in heads.members} == {
-        ("row", "att.in_proj_weight", 0, 4), ("row", "att.in_proj_weight", 16, 4),
-        ("row", "att.in_proj_weight", 32, 4), ("column", "att.out_proj.weight", 0, 4)}
+    assert_four_free_heads(groups, width=16)
     (inputs,) = [g for g in groups if any(m.weight == "q_in.weight" for m in g.members)]
     assert {(m.role, m.weight) for m in inputs.members} >= {
         ("row", "q_in.weight"), ("row", "kv_in.weight"), ("column", "att.in_proj_weight")}

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class SplitHeadsEncoderLayer(nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` that always computes through its modules (``self_attn``, a
     ``SplitHeadsAttention``, then the feed-forward block), as torch's layer does in training: never through

@@ -484,7 +484,7 @@ def layer_positions(gm: fx.GraphModule | Capture) -> dict[str, float]:
     for node in gm.graph.nodes:
         share = 1.0
         if node.op == "call_function" and (node.target in _CONVS or node.target is aten.linear.default):
-            piece, first = _row_piece(node.args[1])
+            piece, _ = _row_piece(node.args[1])
             weight = _weight_of(piece)
             if weight is not None and piece is not node.args[1]:
                 share = _val(node.args[1]).shape[0] / _val(piece).shape[0]
@@ -723,9 +723,9 @@ class _Analysis:
 
     def linear(self, node: fx.Node) -> _Layout | None:
         """``F.linear`` with a parameter for its weight, or with rows ``first...`` of one (a piece of a split)."""
-        x, (weight, first), bias = node.args[0], _row_piece(node.args[1]), _arg(node, 2, "bias")
-        weight = _weight_of(weight)
-        bias, bias_first = _row_piece(bias)
+        x, (piece, first) = node.args[0], _row_piece(node.args[1])
+        weight = _weight_of(piece)
+        bias, bias_first = _row_piece(_arg(node, 2, "bias"))
         if weight is None or (bias is not None and (_weight_of(bias) is None or bias_first != first)):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None
