@@ -8,7 +8,10 @@ write the new mask, and re-mask the weight and its momentum. In one run, on
   plus bytes written over the time, best of several copies;
 - the bytes an update must touch at the least (the byte model below), and so
   the bandwidth limit, bytes / bandwidth;
-- the update time and the training-step time, side by side,
+- the update time and the training-step time, side by side, and the same
+  updates with the eager selection pass in place of the compiled one
+  (``granet_fx.native``): from the same state, alternately first, checked to
+  choose the same masks,
 
 for three models, each sparsified with ``gf.sparsify`` (GraNet, dense to 90%
 sparsity over 1000 steps, an update every 100 steps, pruning until step 500,
@@ -58,6 +61,7 @@ over each layer's memory, per phase (every aten op counted by a dispatch mode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -76,6 +80,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import granet_fx as gf
 import granet_fx.controller as controller_module
 import granet_fx.criteria as criteria_module
+from granet_fx import native
 from granet_fx.models import MLP, resnet18
 
 from common import RESULTS, command, machine, write_outputs
@@ -211,15 +216,41 @@ def measure(setup: Setup) -> dict:
         steps.append(end - start)
         remasks.append(end - remask_start)
         setup.backward_step()
-        seconds = _timed(lambda: granet.step() or _not_updated(t))
+        saved, state = snapshot(setup), granet.state_dict()
+        seconds = {}
+        for path in (("eager", "compiled") if len(updates) % 2 else ("compiled", "eager")):   # alternate the order
+            restore(setup, saved)
+            granet.load_state_dict(state)
+            with selection_pass(path):
+                seconds[path] = _timed(lambda: granet.step() or _not_updated(t))
+            seconds[path + "_masks"] = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
+        if not all(torch.equal(a, b) for a, b in zip(seconds.pop("compiled_masks"), seconds.pop("eager_masks"))):
+            raise RuntimeError(f"step {t}: the compiled and the eager selection pass chose different masks")
+        # Both left the same masks, so the same weights and momentum: the schedule goes on from either.
         updates.append({"step": t, "kind": "prune + regrow" if t <= PRUNE_END else "regrow",
-                        "seconds": seconds, "sparsity_after": granet.report().global_sparsity})
+                        "seconds": seconds["compiled"], "eager_seconds": seconds["eager"],
+                        "sparsity_after": granet.report().global_sparsity})
         print(f"  {setup.name} step {t}: {updates[-1]['kind']}, sparsity {updates[-1]['sparsity_after']:.3f}, "
-              f"update {seconds * 1e3:.1f} ms, training step {steps[-1] * 1e3:.1f} ms", flush=True)
+              f"update {seconds['compiled'] * 1e3:.1f} ms (eager pass {seconds['eager'] * 1e3:.1f} ms), "
+              f"training step {steps[-1] * 1e3:.1f} ms", flush=True)
     update = statistics.median(u["seconds"] for u in updates)
     remask = statistics.median(remasks)
-    return {"updates": updates, "update_s": update, "remask_s": remask, "extra_s": update - remask,
-            "train_step_s": statistics.median(steps)}
+    return {"updates": updates, "update_s": update, "eager_update_s": statistics.median(u["eager_seconds"] for u in updates),
+            "remask_s": remask, "extra_s": update - remask, "train_step_s": statistics.median(steps)}
+
+
+@contextlib.contextmanager
+def selection_pass(path: str):
+    """Mask updates with the compiled selection pass ("compiled", granet_fx.native) or the eager one."""
+    if path == "compiled" and native.kernel() is None:
+        raise RuntimeError("the compiled selection pass is not available here (no C compiler?)")
+    eligible = native.eligible
+    if path == "eager":
+        native.eligible = lambda *a: False
+    try:
+        yield
+    finally:
+        native.eligible = eligible
 
 
 def _not_updated(t: int) -> None:
@@ -273,17 +304,20 @@ def report(data: dict) -> str:
         f"optimizer: {data['optimizer']}",
         "",
         f"{'model':30} {'batch':17} {'weights':>11} {'MB':>7} {'limit ms':>9} {'update ms':>10}"
-        f" {'upd/limit':>9} {'step ms':>9} {'upd/step':>9}",
+        f" {'upd/limit':>9} {'step ms':>9} {'upd/step':>9} {'eager ms':>9} {'eager/upd':>9}",
     ]
     for r in rows:
         lines.append(f"{r['label']:30} {r['batch']:17} {r['masked_weights']:>11,} {r['bytes'] / 1e6:>7.1f}"
                      f" {r['limit_s'] * 1e3:>9.1f} {r['update_s'] * 1e3:>10.1f} {r['update_over_limit']:>9.2f}"
-                     f" {r['train_step_s'] * 1e3:>9.1f} {r['update_over_step']:>9.2f}")
+                     f" {r['train_step_s'] * 1e3:>9.1f} {r['update_over_step']:>9.2f}"
+                     f" {r['eager_update_s'] * 1e3:>9.1f} {r['eager_update_s'] / r['update_s']:>9.2f}")
     lines += [
         "",
         "weights: masked weights; MB: bytes by the byte model; limit: MB / best bandwidth;",
         f"update: granet.step() at an update step, median of {len(UPDATES)} (steps 100-500 prune + regrow,"
-        " 600-900 regrow), its re-masking included;",
+        " 600-900 regrow), its re-masking included, with the compiled selection pass (granet_fx.native);",
+        "eager: the same updates from the same state with the eager pass instead, timed alternately with them"
+        " (the same masks, checked at every update);",
         "step: zero_grad + forward + backward + optimizer.step() + granet.step() at the non-update step before"
         " each update, median of the same number.",
         "",

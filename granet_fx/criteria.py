@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import native
 from .distributed import LOCAL, Comm, allot_last
 
 
@@ -251,7 +252,7 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = L
                  count: int | None = None, magnitude: bool = False) -> torch.Tensor:
     """Activate the ``n`` inactive entries with the largest score; among equals, the lowest flat
     indices first. ``count``: the inactive entries, when already known."""
-    candidates = ~mask
+    candidates = torch.logical_not(mask)
     count = _counts([candidates], comm)[0] if count is None else count
     n = min(n, count)
     if n <= 0:
@@ -287,11 +288,16 @@ def _pass(scores, pools, lower: float, upper: float, tie: float | None, largest:
     """One pass over each tensor: mark the pool entries with a key up to ``upper``, gather those from
     ``lower`` on, and mark apart (without gathering) those equal to ``tie``.
 
-    Slice by slice, in buffers that stay in cache. A comparison writes float 0/1 and is then
+    Compiled (``granet_fx.native``) where it can be: float32 scores and bool pools on the CPU.
+    Otherwise eager, slice by slice, in buffers that stay in cache. A comparison writes float 0/1 and is then
     converted to bool (a comparison that writes bool directly takes several times longer); with
     ``largest`` the score is compared the other way round instead of negated, and only the gathered
     keys are negated.
     """
+    if native.eligible(scores, pools):
+        return [_Passed(marked, n_marked, len(index) + sum(tie_counts), index, key, ties, tie_counts)
+                for marked, n_marked, index, key, ties, tie_counts
+                in native.select_pass(scores, pools, lower, upper, tie, largest, magnitude, CHUNK)]
     device = pools[0].device
     longest = min(CHUNK, max((s.numel() for s in scores), default=0))
     keys_buffer = torch.empty(longest, device=device)

@@ -1,4 +1,4 @@
-"""The accuracy benchmark on real MNIST-1D: --quick end to end (slow: a few minutes), and --equal-flops."""
+"""The accuracy benchmark on real MNIST-1D: --quick end to end (slow: a few minutes), --equal-flops (slow) and its bad input."""
 
 import json
 import subprocess
@@ -44,6 +44,7 @@ def _accuracy(tmp_path, *args):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_equal_flops_gives_every_method_the_reference_budget(tmp_path):
     base = 100
     result = _accuracy(tmp_path, "--equal-flops", "GMP", "--methods", "Dense", "RigL", "Static (ERK)", "GMP",

@@ -11,6 +11,17 @@ from granet_fx.criteria import (
     apportion, drop_smallest, erk_densities, grow_largest, prune_global, random_mask, uniform_densities,
 )
 
+
+@pytest.fixture(autouse=True, params=["compiled", "eager"])
+def selection_pass(request, monkeypatch):
+    """Every test here runs with the compiled selection pass and with the eager one."""
+    if request.param == "eager":
+        monkeypatch.setattr(criteria.native, "eligible", lambda *a: False)
+    elif criteria.native.kernel() is None:
+        pytest.skip("no C compiler builds granet_fx/native/select_pass.c here")
+    return request.param
+
+
 # conv1d 16x1x5, conv1d 32x16x3, linear 10x32. ERK's raw score sum(shape)/prod(shape)
 # times numel is sum(shape): 22, 51 and 42, so eps = density * N / 115.
 SHAPES = {"conv1": (16, 1, 5), "conv2": (32, 16, 3), "fc": (10, 32)}

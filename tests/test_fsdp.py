@@ -136,7 +136,7 @@ def train_one_process(method, world):
     return {"masks": masks, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])   # 4 ranks: -m slow
 def test_sharded_training_chooses_the_masks_of_one_process(tmp_path, world):
     methods = ("granet", "set") if world == 2 else ("granet",)
     mp.spawn(train_fsdp, args=(world, str(tmp_path / "store"), str(tmp_path), methods), nprocs=world, join=True)

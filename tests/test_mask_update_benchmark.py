@@ -56,6 +56,8 @@ def test_quick_benchmark_output(tmp_path):
         assert r["updates"][0]["sparsity_after"] < r["updates"][4]["sparsity_after"]
         seconds = sorted(u["seconds"] for u in r["updates"])
         assert r["update_s"] == pytest.approx(seconds[4]) and r["update_s"] > 0
+        eager = sorted(u["eager_seconds"] for u in r["updates"])     # the eager pass, beside it
+        assert r["eager_update_s"] == pytest.approx(eager[4]) and eager[0] > 0
         assert 0 < r["remask_s"] < r["train_step_s"]
         assert r["update_over_limit"] == pytest.approx(r["update_s"] / r["limit_s"])
         assert r["update_over_step"] == pytest.approx(r["update_s"] / r["train_step_s"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 from dataclasses import astuple, dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from onnx import helper, numpy_helper
 
-from .files import atomic_write
+from .files import atomic_write, cache_dir
 from .roofline import _float, _model, _random_feeds, _session
 
 PERIODS = (1, 2, 4, 8, 16, 32)
@@ -140,8 +139,7 @@ def period(times: dict[int, float], base: int, largest: int = PERIODS[-1], gain:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("GRANET_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "granet_fx")
-    return Path(root) / "channel_periods.json"
+    return cache_dir() / "channel_periods.json"
 
 
 def _read_cache(path: Path) -> dict:

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import tempfile
+from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -148,3 +149,9 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def cache_dir() -> Path:
+    """Where granet_fx keeps what it measures or builds on this machine: ``$GRANET_FX_CACHE``, else
+    ``~/.cache/granet_fx``."""
+    return Path(os.environ.get("GRANET_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "granet_fx"))

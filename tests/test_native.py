@@ -1,0 +1,87 @@
+"""The compiled selection pass gives what the eager one gives, field by field and bit for bit."""
+
+import math
+
+import pytest
+import torch
+
+from granet_fx import criteria, native
+
+pytestmark = pytest.mark.skipif(native.kernel() is None, reason="no C compiler builds the selection pass here")
+
+
+def both(monkeypatch, scores, pools, *args):
+    compiled = criteria._pass(scores, pools, *args)
+    with monkeypatch.context() as m:
+        m.setattr(criteria.native, "eligible", lambda *a: False)
+        eager = criteria._pass(scores, pools, *args)
+    return compiled, eager
+
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_same(compiled, eager):
+    assert len(compiled) == len(eager)
+    for c, e in zip(compiled, eager):
+        assert torch.equal(c.marked, e.marked)
+        assert (c.n_marked, c.n_inside, c.tie_counts) == (e.n_marked, e.n_inside, e.tie_counts)
+        assert torch.equal(c.index, e.index)
+        assert torch.equal(bits(c.key), bits(e.key))       # NaN and -0.0 too
+        assert (c.ties is None) == (e.ties is None)
+        if c.ties is not None:
+            assert torch.equal(c.ties, e.ties)
+
+
+def tensors(seed):
+    """Scores with ties (one decimal), exact zeros of both signs and NaNs; sizes off the slice boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    scores = []
+    for n in (0, 1, 999, 1000, 1001, 7_321, 40_000):
+        s = torch.round(torch.randn(n, generator=g), decimals=1)
+        s[torch.rand(n, generator=g) < 0.05] = -0.0
+        s[torch.rand(n, generator=g) < 0.01] = math.nan
+        scores.append(s)
+    pools = [torch.rand(s.numel(), generator=g) < 0.6 for s in scores]
+    return scores, pools
+
+
+@pytest.mark.parametrize("largest", [False, True])
+@pytest.mark.parametrize("magnitude", [False, True])
+@pytest.mark.parametrize("bracket", [(-math.inf, math.inf, None), (-0.3, 0.4, None), (-0.3, 0.4, 0.1),
+                                     (0.0, 0.0, 0.0), (-math.inf, 0.2, 0.0), (0.5, math.inf, 0.5)])
+@pytest.mark.parametrize("chunk", [criteria.CHUNK, 1000])     # 1000: many slices, split among threads
+def test_compiled_pass_equals_eager(largest, magnitude, bracket, chunk, monkeypatch):
+    monkeypatch.setattr(criteria, "CHUNK", chunk)
+    scores, pools = tensors(len(bracket) + chunk)
+    lower, upper, tie = bracket
+    assert_same(*both(monkeypatch, scores, pools, lower, upper, tie, largest, magnitude))
+
+
+def test_a_full_pass_outgrows_its_first_buffers(monkeypatch):
+    # Every entry gathered: twenty times the first buffers, which grow on the way.
+    s = torch.randn(300_000)
+    pool = torch.ones(300_000, dtype=torch.bool)
+    compiled, eager = both(monkeypatch, [s], [pool], -math.inf, math.inf, None, False, False)
+    assert_same(compiled, eager)
+    assert compiled[0].n_inside == 300_000 and torch.equal(compiled[0].key, s)
+
+
+def test_tensors_it_cannot_take_go_eager():
+    s, p = torch.randn(10), torch.ones(10, dtype=torch.bool)
+    assert native.eligible([s], [p])
+    assert not native.eligible([s.double()], [p])
+    assert not native.eligible([torch.randn(10, 2)[:, 0]], [p])      # not contiguous
+    assert not native.eligible([s], [p.to(torch.uint8)])
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    native.kernel.cache_clear()
+    try:
+        monkeypatch.setenv("GRANET_FX_NATIVE", "0")
+        assert native.kernel() is None and not native.eligible([torch.randn(3)], [torch.ones(3, dtype=torch.bool)])
+    finally:
+        monkeypatch.delenv("GRANET_FX_NATIVE")
+        native.kernel.cache_clear()
+    assert native.kernel() is not None
