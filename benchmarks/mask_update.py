@@ -217,14 +217,14 @@ def measure(setup: Setup) -> dict:
         remasks.append(end - remask_start)
         setup.backward_step()
         saved, state = snapshot(setup), granet.state_dict()
-        seconds = {}
+        seconds, masks = {}, {}
         for path in (("eager", "compiled") if len(updates) % 2 else ("compiled", "eager")):   # alternate the order
             restore(setup, saved)
             granet.load_state_dict(state)
             with selection_pass(path):
                 seconds[path] = _timed(lambda: granet.step() or _not_updated(t))
-            seconds[path + "_masks"] = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
-        if not all(torch.equal(a, b) for a, b in zip(seconds.pop("compiled_masks"), seconds.pop("eager_masks"))):
+            masks[path] = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
+        if not all(torch.equal(a, b) for a, b in zip(masks["compiled"], masks["eager"])):
             raise RuntimeError(f"step {t}: the compiled and the eager selection pass chose different masks")
         # Both left the same masks, so the same weights and momentum: the schedule goes on from either.
         updates.append({"step": t, "kind": "prune + regrow" if t <= PRUNE_END else "regrow",

@@ -93,11 +93,11 @@ def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], l
     outs, jobs = [], []
     for s, p in zip(scores, pools):
         n = s.numel()
+        slices = -(-n // chunk)
         marked = torch.empty(n, dtype=torch.bool)
         ties = torch.empty(n, dtype=torch.bool) if tie is not None else None
-        tie_counts = torch.zeros(max(1, -(-n // chunk)), dtype=torch.int64)
-        outs.append((marked, ties, tie_counts, n))
-        slices = -(-n // chunk)
+        tie_counts = torch.zeros(slices, dtype=torch.int64)
+        outs.append((marked, ties, tie_counts))
         per = max(1, -(-slices // threads))
         for first in range(0, slices, per):
             start, stop = first * chunk, min(n, (first + per) * chunk)
@@ -105,7 +105,7 @@ def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], l
 
     def run(job):
         u, s, p, start, stop = job
-        marked, ties, tie_counts, _ = outs[u]
+        marked, ties, tie_counts = outs[u]
         pieces, n_marked, at = [], 0, start
         capacity = (stop - start) // 20 + 4096
         while at < stop:
@@ -124,12 +124,12 @@ def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], l
 
     results = list(_workers(threads, os.getpid()).map(run, jobs)) if len(jobs) > 1 else [run(j) for j in jobs]
     found = []
-    for u, (marked, ties, tie_counts, n) in enumerate(outs):
+    for u, (marked, ties, tie_counts) in enumerate(outs):
         mine = [r for r in results if r[0] == u]
         index = [i for r in mine for i, _ in r[2]]
         key = [k for r in mine for _, k in r[2]]
         found.append((marked, sum(r[1] for r in mine),
                       torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
                       torch.cat(key) if key else torch.zeros(0),
-                      ties, tie_counts.tolist() if tie is not None and n else []))
+                      ties, tie_counts.tolist() if tie is not None else []))
     return found
