@@ -94,6 +94,166 @@ def test_dropout_in_training_draws_what_torch_draws(need_weights):
         assert bool((got[1] == 0).any())                    # dropout did act
 
 
+OPTIONS = [{"add_bias_kv": True}, {"add_zero_attn": True}, {"add_bias_kv": True, "add_zero_attn": True}]
+
+
+def assert_same_as_torchs_module(make, inputs: str, widths=(16, 16, 16)):
+    """``make(batch_first)``, an ``nn.MultiheadAttention``, against its ``SplitHeadsAttention`` copy: outputs and
+    weights per head, batch first or not, batched or not, with every mask, in eval and train mode;
+    ``inputs``: "self" or "cross" (keys and values of ``widths[1:]`` channels)."""
+    torch.manual_seed(0)
+    for batch_first, batched, bool_mask in itertools.product([True, False], [True, False], [True, False]):
+        reference = make(batch_first)
+        ours = copy.deepcopy(reference)
+        assert split_attention_heads(ours) == [""] and type(ours) is SplitHeadsAttention
+        n, length, source = 3, 5, 5 if inputs == "self" else 7
+
+        def shape(t, width):
+            return ((n, t, width) if batch_first else (t, n, width)) if batched else (t, width)
+
+        q = torch.randn(shape(length, widths[0]))
+        k, v = (q, q) if inputs == "self" else (torch.randn(shape(source, w)) for w in widths[1:])
+        for kw, train, need in itertools.product(masks(bool_mask, n, length, source, batched), [False, True],
+                                                 [True, False]):
+            reference.train(train), ours.train(train)
+            want = reference(q, k, v, need_weights=need, average_attn_weights=False, **kw)
+            got = ours(q, k, v, need_weights=need, average_attn_weights=False, **kw)
+            for g, w in zip(got, want):
+                if w is not None:
+                    torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("inputs", ["self", "cross"])
+def test_bias_kv_and_zero_attn_equal_torchs_module(options, inputs):
+    """The extra key and value (``bias_k``/``bias_v``, a key of zeros) are added as torch's module adds them,
+    with every mask widened over them."""
+
+    def make(batch_first):
+        att = nn.MultiheadAttention(16, 4, batch_first=batch_first, **options)
+        for b in (att.bias_k, att.bias_v):
+            if b is not None:
+                nn.init.normal_(b)
+        return att
+
+    assert_same_as_torchs_module(make, inputs)
+
+
+class ExtraKeys(nn.Module):
+    """A residual self-attention with torch's options that add keys, beside an MLP."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True, **options)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.fc(h + self.att(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
+def test_bias_kv_and_zero_attn_lose_whole_heads(options):
+    """The heads are one group (with the head's entries of bias_k and bias_v); compact cuts the pruned heads
+    out of both biases too, and the result is what torch's module computes with the masked weights."""
+    torch.manual_seed(0)
+    model = ExtraKeys(**options)
+    for b in (model.att.bias_k, model.att.bias_v):
+        if b is not None:
+            nn.init.normal_(b)
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # bias_k and bias_v get no mask (they are not weights of a layer)
+        sparse = gf.sparsify(model, channel_config(), example_inputs=(x,))
+    assert type(sparse.att) is SplitHeadsAttention
+    (heads,) = [g for g in gf.sparse_info(sparse).channel_groups
+                if any(m.weight == "att.in_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.size == 4 and not heads.pinned
+    if "add_bias_kv" in options:
+        assert {(m.weight, m.repeat) for m in heads.members if m.role == "param"} == {("att.bias_k", 4),
+                                                                                      ("att.bias_v", 4)}
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    assert 0 < len(kept) < 4
+    small = gf.compact(sparse.eval(), x)
+    assert small.att.num_heads == len(kept) and small.att.in_proj_weight.shape[0] == 12 * len(kept)
+    folded = gf.fold(sparse)
+    torchs = nn.MultiheadAttention(16, 4, batch_first=True, **options)    # torch's module, the masked weights
+    torchs.load_state_dict(folded.att.state_dict())
+    if "add_bias_kv" in options:
+        channels = [c for h in kept for c in range(4 * h, 4 * h + 4)]
+        assert torch.equal(small.att.bias_k, folded.att.bias_k[..., channels])
+        assert torch.equal(small.att.bias_v, folded.att.bias_v[..., channels])
+    with torch.no_grad():
+        h = folded.inp(x)
+        torch.testing.assert_close(small(x), folded.fc(h + torchs.eval()(h, h, h)[0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kdim_and_vdim_equal_torchs_module(bias):
+    """Keys and values of other widths than the queries: three weights, one bias."""
+    assert_same_as_torchs_module(
+        lambda batch_first: nn.MultiheadAttention(16, 4, kdim=12, vdim=10, bias=bias, batch_first=batch_first),
+        "cross", widths=(16, 12, 10))
+
+
+class KeyValueWidths(nn.Module):
+    """Cross-attention whose keys (12 wide) and values (10 wide) come from their own linear layers."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.inp, self.k_in, self.v_in = nn.Linear(8, 16), nn.Linear(6, 12), nn.Linear(6, 10)
+        self.att = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, bias=bias, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x, memory):
+        h = self.inp(x)
+        return self.fc(h + self.att(h, self.k_in(memory), self.v_in(memory), need_weights=False)[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kdim_and_vdim_lose_whole_heads(bias):
+    """A head is rows of q_proj_weight, k_proj_weight and v_proj_weight and of each third of in_proj_bias, and
+    columns of out_proj; the key and value widths are groups of their own. compact cuts heads and channels,
+    and the result is what torch's module computes with the masked weights."""
+    torch.manual_seed(0)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    sparse = gf.sparsify(KeyValueWidths(bias), channel_config(), example_inputs=(x, memory))
+    assert type(sparse.att) is SplitHeadsAttention
+    groups = gf.sparse_info(sparse).channel_groups
+    (heads,) = [g for g in groups if any(m.weight == "att.q_proj_weight" and m.role == "row" for m in g.members)]
+    assert heads.size == 4 and not heads.pinned
+    expected = {("row", "att.q_proj_weight", 0), ("row", "att.k_proj_weight", 0), ("row", "att.v_proj_weight", 0),
+                ("column", "att.out_proj.weight", 0)}
+    if bias:
+        expected |= {("param", "att.in_proj_bias", 16), ("param", "att.in_proj_bias", 32)}
+    assert {(m.role, m.weight, m.offset) for m in heads.members} == expected
+    assert all(m.repeat == 4 for m in heads.members)
+    (keys,) = [g for g in groups if any(m.weight == "k_in.weight" for m in g.members)]
+    assert keys.size == 12 and {(m.role, m.weight) for m in keys.members} == {("row", "k_in.weight"),
+                                                                             ("column", "att.k_proj_weight")}
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    assert 0 < len(kept) < 4
+    small = gf.compact(sparse.eval(), (x, memory))
+    att = small.att
+    assert (att.num_heads, att.split_size) == (len(kept), 4 * len(kept))
+    assert (att.embed_dim, att.kdim, att.vdim) == (small.inp.out_features, small.k_in.out_features,
+                                                   small.v_in.out_features)
+    assert att.kdim < 12 and att.vdim < 10
+    folded = gf.fold(sparse)
+    if bias:
+        rows = [p * 16 + c for p in range(3) for h in kept for c in range(4 * h, 4 * h + 4)]
+        assert torch.equal(att.in_proj_bias, folded.att.in_proj_bias[rows])
+    torchs = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, bias=bias, batch_first=True)
+    torchs.load_state_dict(folded.att.state_dict())
+    with torch.no_grad():
+        h = folded.inp(x)
+        want = folded.fc(h + torchs.eval()(h, folded.k_in(memory), folded.v_in(memory))[0])
+        torch.testing.assert_close(small(x, memory), want, atol=1e-5, rtol=1e-5)
+
+
 class Block(nn.Module):
     """A residual self-attention block as nn.MultiheadAttention is mostly used, then an MLP and a head."""
 
@@ -297,31 +457,84 @@ def test_granet_export_compacts_the_heads(tmp_path):
                                    rtol=1e-5)
 
 
+class Attentions(nn.Module):
+    """A cross-attention, one with keys and values of other widths, and one with extra keys, in a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mem = nn.Linear(8, 16), nn.Linear(6, 16)
+        self.k_in, self.v_in = nn.Linear(6, 12), nn.Linear(6, 10)
+        self.cross = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.widths = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, batch_first=True)
+        self.extra = nn.MultiheadAttention(16, 4, add_bias_kv=True, add_zero_attn=True, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x, memory, attentions=None):
+        cross, widths, extra = attentions or (self.cross, self.widths, self.extra)
+        h, m = self.inp(x), self.mem(memory)
+        h = h + cross(h, m, m, need_weights=False)[0]
+        h = h + widths(h, self.k_in(memory), self.v_in(memory), need_weights=False)[0]
+        return self.fc(h + extra(h, h, h, need_weights=False)[0])
+
+
+def test_granet_export_compacts_the_heads_of_every_option(tmp_path):
+    """Through granet-export (a graph that is the model's code, whose split widths are numbers it rewrites):
+    cross-attention, kdim/vdim and add_bias_kv/add_zero_attn lose heads, and onnxruntime computes what torch's
+    own modules compute with the masked weights."""
+    torch.manual_seed(0)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # bias_k and bias_v get no mask (they are not weights of a layer)
+        sparse = gf.sparsify(Attentions(), channel_config(scope="layer"), example_inputs=(x, memory))
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    gf.save(sparse, tmp_path / "m.pt", example_inputs=(x, memory))
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
+    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    import onnxruntime
+
+    folded = gf.fold(sparse).eval()
+    torchs = []
+    for name, options in (("cross", {}), ("widths", {"kdim": 12, "vdim": 10}),
+                          ("extra", {"add_bias_kv": True, "add_zero_attn": True})):
+        heads = int(folded.get_submodule(name).out_proj.weight.reshape(16, 4, 4).abs().sum((0, 2)).ne(0).sum())
+        assert heads < 4, name
+        att = nn.MultiheadAttention(16, 4, batch_first=True, **options)
+        att.load_state_dict(folded.get_submodule(name).state_dict())
+        torchs.append(att.eval())
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (out,) = session.run(None, dict(zip(names, (x.numpy(), memory.numpy()))))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), folded(x, memory, torchs), atol=1e-5, rtol=1e-5)
+    import onnx
+
+    widths = {tuple(i.dims) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert not {(48, 16), (16, 12), (16, 10), (1, 1, 16)} & widths, widths    # no weight of 4 heads is left
+
+
 class OwnEncoderLayer(nn.TransformerEncoderLayer):
     """A user's subclass of torch's encoder layer: its forward may be anything, so it keeps torch's classes."""
 
 
 class Options(nn.Module):
-    """Attentions that keep torch's class, and a cross-attention, beside an MLP whose channels can go."""
+    """An encoder layer that keeps torch's classes, and a cross-attention, beside an MLP whose channels can go."""
 
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(8, 16)
-        self.kdim = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True)
-        self.bias_kv = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
-        self.zero = nn.MultiheadAttention(16, 4, add_zero_attn=True, batch_first=True)
         self.cross = nn.MultiheadAttention(16, 4, batch_first=True)
         self.layer = OwnEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
 
     def forward(self, x):
         h = self.inp(x)
-        h = h + self.kdim(h, x, x)[0] + self.bias_kv(h, h, h)[0] + self.zero(h, h, h)[0]
         h = h + self.cross(h, h.flip(1), h.flip(1))[0]
         return self.fc2(torch.relu(self.fc1(self.layer(h))))
 
 
-def test_other_options_keep_torchs_module_and_their_heads_quietly():
+def test_a_subclassed_encoder_layer_keeps_torchs_module_and_its_heads_quietly():
     torch.manual_seed(0)
     model = Options()
     reference = copy.deepcopy(model).eval()
@@ -329,11 +542,8 @@ def test_other_options_keep_torchs_module_and_their_heads_quietly():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sparse = gf.sparsify(model, channel_config(), example_inputs=(x,))
-    # the one warning is the dense bias_k and bias_v (as before): nothing about attention heads
-    assert [str(w.message).count("stays dense") for w in caught] == [2], [str(w.message) for w in caught]
-    assert "bias_kv.bias_k" in str(caught[0].message) and "bias_kv.bias_v" in str(caught[0].message)
-    for name in ("kdim", "bias_kv", "zero", "layer.self_attn"):
-        assert type(sparse.get_submodule(name)) is nn.MultiheadAttention, name
+    assert not caught, [str(w.message) for w in caught]      # nothing about attention heads
+    assert type(sparse.layer.self_attn) is nn.MultiheadAttention
     assert type(sparse.layer) is OwnEncoderLayer
     assert type(sparse.cross) is SplitHeadsAttention
     groups = gf.sparse_info(sparse).channel_groups

@@ -20,9 +20,13 @@ The fused split applies to self-attention (``query is key is value``); other
 calls (cross-attention) project query, key and value with the three slices of
 the weight, ``in_proj_weight.split(split_size)``: a head is then rows of each
 slice (channel analysis follows a linear layer that reads rows of a split
-weight), and the sequences read share the weight's input channels. Modules
-with ``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v`` or
-``add_zero_attn`` keep torch's class.
+weight), and the sequences read share the weight's input channels.
+``add_bias_kv`` appends ``bias_k``/``bias_v`` to the keys and values before
+the heads are split (a head then also owns its entries of the two biases),
+``add_zero_attn`` a key and value of zeros to every head after it, both as
+torch does. With ``kdim``/``vdim`` other than ``embed_dim`` the query, key
+and value have weights of their own and one bias: a head is rows of each
+weight and of each third of the bias.
 
 In ``nn.TransformerDecoderLayer`` both attentions lose heads. ``nn.TransformerEncoderLayer``
 in inference hands the attention's weights to one fused op that assumes every
@@ -89,15 +93,25 @@ class SplitHeadsAttention(nn.MultiheadAttention):
                 return x.unsqueeze(0)
             return x if self.batch_first else x.transpose(0, 1)
 
-        if query is key and key is value:
+        if not self._qkv_same_embed_dim:    # kdim or vdim: three weights, one bias
+            w = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            b = self.in_proj_bias.split(self.split_size) if self.in_proj_bias is not None else (None,) * 3
+            q, k, v = (F.linear(batch_first(x), *wb) for x, *wb in zip((query, key, value), w, b))
+        elif query is key and key is value:
             q, k, v = F.linear(batch_first(query), self.in_proj_weight, self.in_proj_bias).split(self.split_size, -1)
         else:
             w = self.in_proj_weight.split(self.split_size)
             b = self.in_proj_bias.split(self.split_size) if self.in_proj_bias is not None else (None,) * 3
             q, k, v = (F.linear(batch_first(x), *wb) for x, *wb in zip((query, key, value), w, b))
         n, length, source = q.shape[0], q.shape[1], k.shape[1]
+        if self.bias_k is not None:     # one more key and value, the same for every batch entry (torch's order)
+            k, v = (torch.cat([t, b.expand(n, 1, -1)], 1) for t, b in ((k, self.bias_k), (v, self.bias_v)))
         q, k, v = (t.view(n, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.add_zero_attn:          # then one key and value of zeros in every head
+            k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
         mask = self._mask(attn_mask, key_padding_mask, n, length, source)
+        if mask is not None and k.shape[2] > source:    # the keys added are never masked
+            mask = F.pad(mask, (0, k.shape[2] - source))
 
         dropout = self.dropout if self.training else 0.0
         weights = None
@@ -139,9 +153,14 @@ class SplitHeadsAttention(nn.MultiheadAttention):
 
     def resize(self) -> None:
         """Set the size attributes from the weights (after ``compact`` has cut heads or channels)."""
-        self.split_size = self.in_proj_weight.shape[0] // 3
+        if self._qkv_same_embed_dim:
+            self.split_size = self.in_proj_weight.shape[0] // 3
+            self.embed_dim = self.kdim = self.vdim = self.in_proj_weight.shape[1]
+        else:
+            self.split_size = self.q_proj_weight.shape[0]
+            self.embed_dim, self.kdim, self.vdim = (w.shape[1] for w in (
+                self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
         self.num_heads = self.split_size // self.head_dim
-        self.embed_dim = self.kdim = self.vdim = self.in_proj_weight.shape[1]
 
 
 def _attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -158,12 +177,8 @@ def _attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 def why_not_split(module: nn.MultiheadAttention, parent: nn.Module | None = None) -> str:
     """Why ``module`` keeps torch's class ("" if ``split_attention_heads`` converts it)."""
-    if not module._qkv_same_embed_dim:
-        return "kdim or vdim differs from embed_dim"
-    if module.bias_k is not None or module.bias_v is not None:
-        return "it has bias_k/bias_v"
-    if module.add_zero_attn:
-        return "add_zero_attn"
+    if (module.bias_k is None) != (module.bias_v is None):
+        return "it has only one of bias_k and bias_v"
     if isinstance(parent, nn.TransformerEncoderLayer) and type(parent) is not nn.TransformerEncoderLayer:
         return f"it is the attention of {type(parent).__name__}, a subclass of nn.TransformerEncoderLayer"
     return ""

@@ -519,11 +519,17 @@ def _weight_of(node: Any) -> tuple[str, str | None] | None:
 def _row_piece(node: Any) -> tuple[Any, int]:
     """(tensor, first row) of ``node`` when it is one piece of a tensor split along dimension 0 by equal
     sizes (``nn.MultiheadAttention``'s query, key and value slices of ``in_proj_weight``); else (node, 0)."""
+    split = _piece_split(node)
+    return (split.args[0], node.args[1] * split.args[1]) if split is not None else (node, 0)
+
+
+def _piece_split(node: Any) -> fx.Node | None:
+    """The split of which ``node`` is a piece, when it splits a tensor along dimension 0 by equal sizes."""
     if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        split, index = node.args[0], node.args[1]
+        split = node.args[0]
         if split.target is aten.split.Tensor and _arg(split, 2, "dim", 0) == 0 and isinstance(split.args[1], int):
-            return split.args[0], index * split.args[1]
-    return node, 0
+            return split
+    return None
 
 
 def _matmul_weight(node: Any) -> tuple[tuple[str, str | None], bool] | None:
@@ -576,6 +582,7 @@ class _Analysis:
         self.pieces: dict[fx.Node, list[_Layout | None]] = {}   # a split's node -> the layout of each piece
         # channel counts written as numbers, in literal mode: (node, argument, position or None, their layout)
         self.literals: list[tuple[fx.Node, int, int | None, _Layout]] = []
+        self.split_widths: set[fx.Node] = set()   # splits of a weight or bias whose pieces' width is in literals
 
     # Spaces and their edges -------------------------------------------------
     def new_space(self, name: str, size: int, dim: int) -> _Layout:
@@ -668,6 +675,9 @@ class _Analysis:
             return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
         elif t is aten.select.int:
             return self.select(node)
+        elif t is aten.constant_pad_nd.default or (t is aten.pad.default
+                                                   and _arg(node, 2, "mode", "constant") == "constant"):
+            return self.pad(node)
         elif t in (aten.layer_norm.default, masked_layer_norm, masked_rms_norm):
             return self.layer_norm(node)
         elif t is aten.scaled_dot_product_attention.default:
@@ -726,19 +736,31 @@ class _Analysis:
         x, (piece, first) = node.args[0], _row_piece(node.args[1])
         weight = _weight_of(piece)
         bias, bias_first = _row_piece(_arg(node, 2, "bias"))
-        if weight is None or (bias is not None and (_weight_of(bias) is None or bias_first != first)):
+        if weight is None or (bias is not None and _weight_of(bias) is None):
             return self.unknown(node)
         bias_name = bias.target if bias is not None else None
+        # a piece of a bias at other rows than the weight's (separate query, key and value weights, one bias):
+        # its channels are only sliced; a folded constant goes only to a bias as long as the whole weight
+        apart = bias_name is not None and bias_first != first
+        whole = bias_name is not None and _val(bias).shape[0] == _val(piece).shape[0]
         layout = self.layouts.get(x)
         if layout is not None:
             if layout.dim == _val(x).dim() - 1:
-                self.add_member(Member("column", weight[0], bias_name, weight[1], node=x.name, node_dim=layout.dim),
-                                layout)
+                self.add_member(Member("column", weight[0], bias_name if whole else None, weight[1], node=x.name,
+                                       node_dim=layout.dim), layout)
             else:
                 self.pin(layout, f"feeds {_describe(node)} along another dimension")
         name = weight[0] if not first else f"{weight[0]} [{first}:]"
         out = self.layer_output(node, name, _val(node.args[1]).shape[0], _val(node).dim() - 1)
-        self.add_member(Member("row", weight[0], bias_name, weight[1], offset=first, split=_pieces(out)), out)
+        self.add_member(Member("row", weight[0], None if apart else bias_name, weight[1], offset=first,
+                               split=_pieces(out)), out)
+        if apart:
+            self.add_member(Member("param", bias_name, offset=bias_first), out)
+        if self.literal:       # the width of the pieces of a split weight or bias: a number compact rewrites
+            splits = {_piece_split(node.args[1]), _piece_split(_arg(node, 2, "bias"))} - {None}
+            for split in splits - self.split_widths:
+                self.split_widths.add(split)
+                self.literals.append((split, 1, None, out))
         return out
 
     def matmul(self, node: fx.Node) -> _Layout | None:
@@ -862,6 +884,15 @@ class _Analysis:
         layout = self.layouts[node.args[0]]
         d = _arg(node, 1, "dim") % _val(node.args[0]).dim()
         return self.unknown(node) if d == layout.dim else _Layout(layout.dim - (d < layout.dim), layout.segments)
+
+    def pad(self, node: fx.Node) -> _Layout | None:
+        """Padding with a constant along other dimensions (a key of zeros added to every head): the channels
+        stay, each padded alike. (A recorded graph has ``constant_pad_nd``, an exported one ``pad``.)"""
+        layout = self.layouts[node.args[0]]
+        amounts = node.args[1]
+        rank = _val(node.args[0]).dim()
+        padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}   # pairs from the last dimension
+        return self.unknown(node) if layout.dim in padded else layout
 
     # Shapes ---------------------------------------------------------------------
     def reshape(self, node: fx.Node) -> _Layout | None:
