@@ -303,3 +303,35 @@ def test_outputs_that_are_not_finite_are_refused_at_save(tmp_path):
     with pytest.raises(ValueError, match="not all finite"):
         gf.save(Broken(), tmp_path / "model.pt2", example_inputs=(torch.randn(2, 3),))
     assert not os.listdir(tmp_path)
+
+
+class SequenceFirstEncoder(torch.nn.Module):
+    """torch's transformer encoder in its default layout, (sequence, batch, channels): its attention reads a
+    strided input, on which F.linear picks its kernel by whether the weight requires grad, even under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x).transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
+def test_a_sequence_first_transformer_is_saved(granularity, tmp_path):
+    """Its folded copy and the masked model agree to the bit when both run as in training (a masked weight
+    then requires grad, like its folded copy), so save takes it, and the stored reference is the masked
+    model's output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 8)
+    config = gf.GraNetConfig(method="gmp", granularity=granularity, final_sparsity=0.5, total_steps=1, prune_end=1,
+                             update_every=1)
+    sparse = gf.sparsify(SequenceFirstEncoder().eval(), config, example_inputs=(x,))
+    gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
+    gf.save(sparse.eval(), tmp_path / "m.pt", example_inputs=(x,))
+    (reference,) = gf.load(tmp_path / "m.pt").reference_outputs
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(reference), sparse(x), atol=1e-6, rtol=1e-5)

@@ -64,9 +64,9 @@ def test_whole_chain(name, backend, tmp_path):
     if known is not None:
         stage, match, why = known
         # a known failure outside granet_fx: the same stage, the same error, and the dense model fails there too
+        # (at the edge of the tolerance, so it may pass too: then it must pass every stage, as below)
         if result.failed == stage and match in result.reason + result.dense and result.dense.startswith("dense fails too"):
             pytest.xfail(why)
-        assert result.failed, f"{name} now passes every stage: remove it from KNOWN_EXTERNAL"
     assert result.passed, (f"{name} fails at {result.failed} (after {result.reached or 'nothing'}): "
                            f"{result.reason}; {result.dense}")
     assert result.reached == STAGES[-1]

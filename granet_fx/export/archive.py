@@ -147,12 +147,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any) -> N
         "compacted" if getattr(model, REPORT_ATTR, None) is not None else "dense")
     inputs = tuple(t.detach().cpu() for t in inputs)
     plain = (fold(model) if kind == "sparse" else copy.deepcopy(model)).eval()
-    with torch.no_grad():   # on the model's device: CPU and GPU kernels do not agree to the bit
+    # On the model's device (CPU and GPU kernels do not agree to the bit), with gradients on: torch chooses
+    # some kernels by whether a weight requires grad, even under no_grad (F.linear on a strided input); under
+    # no_grad a masked weight (weight * mask) does not, its folded copy does; with gradients on both do.
+    with torch.enable_grad():
         on_device = tuple(t.to(_device(model)) for t in inputs)
         names, outputs = named_outputs(plain(*on_device))
+        outputs = [t.detach() for t in outputs]
         if kind == "sparse":
             with training_mode(model, False):
-                masked = flat_tensors(model(*on_device))
+                masked = [t.detach() for t in flat_tensors(model(*on_device))]
             if not _same(masked, outputs):
                 raise RuntimeError("granet_fx: the folded model computes something else than the masked model")
     if not all(torch.isfinite(t).all() for t in outputs if t.is_floating_point() or t.is_complex()):

@@ -207,19 +207,21 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def export_graph(model: nn.Module, example_inputs: tuple, why: str = "") -> fx.GraphModule:
     """The model captured whole by ``torch.export`` (non-strict, eval mode), as a GraphModule.
 
-    Its get_attr targets are the model's parameter and buffer names.
+    Its get_attr targets are the model's parameter and buffer names. ``why``: why the recording of
+    ``capture`` could not stand for the model, said in the error should torch.export fail too.
     """
     try:
         with training_mode(model, False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, example_inputs, strict=False)
     except Exception as e:
+        recorded = f"; it was needed because the model {why}" if why else ""
         raise ValueError(
             f"granet_fx: torch.export cannot capture {type(model).__name__} whole, which channel analysis "
-            f"needs: {first_line(e)}"
+            f"needs: {first_line(e)}{recorded}"
         ) from e
     return program.module()
 
@@ -453,8 +455,8 @@ def capture(model: nn.Module, example_inputs: tuple, values: bool = False) -> Ca
         leaves = pytree.tree_leaves(outputs)
         if not all(isinstance(t, (torch.Tensor, int, float, bool, str, type(None))) for t in leaves):
             raise _NeedsExport("returns objects that are not tensors")
-    except Exception:
-        gm = export_graph(model, example_inputs)
+    except Exception as e:
+        gm = export_graph(model, example_inputs, str(e) if isinstance(e, _NeedsExport) else "")
         return Capture(gm.graph, exported=gm)
     recorder.graph.output(tuple(recorder.node(t) for t in leaves if isinstance(t, torch.Tensor)))
     return Capture(recorder.graph, outputs, recorder.values if values else {})
