@@ -93,14 +93,11 @@ class SplitHeadsAttention(nn.MultiheadAttention):
                 return x.unsqueeze(0)
             return x if self.batch_first else x.transpose(0, 1)
 
-        if not self._qkv_same_embed_dim:    # kdim or vdim: three weights, one bias
-            w = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-            b = self.in_proj_bias.split(self.split_size) if self.in_proj_bias is not None else (None,) * 3
-            q, k, v = (F.linear(batch_first(x), *wb) for x, *wb in zip((query, key, value), w, b))
-        elif query is key and key is value:
+        if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = F.linear(batch_first(query), self.in_proj_weight, self.in_proj_bias).split(self.split_size, -1)
-        else:
-            w = self.in_proj_weight.split(self.split_size)
+        else:   # with kdim or vdim, three weights (and one bias)
+            w = self.in_proj_weight.split(self.split_size) if self._qkv_same_embed_dim else (
+                self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
             b = self.in_proj_bias.split(self.split_size) if self.in_proj_bias is not None else (None,) * 3
             q, k, v = (F.linear(batch_first(x), *wb) for x, *wb in zip((query, key, value), w, b))
         n, length, source = q.shape[0], q.shape[1], k.shape[1]
