@@ -68,6 +68,59 @@ def test_constant_into_a_padded_conv_is_kept():
     assert torch.allclose(eval_out(small, x), eval_out(model, x), atol=1e-5)
 
 
+class PadBetween(nn.Module):
+    """Two unpadded convolutions with an explicit padding of the image between them."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(F.pad(F.relu(self.conv1(x)), (1, 1, 1, 1), mode=self.mode))
+
+
+def _constant_and_unread_channels(model):
+    with torch.no_grad():
+        model.conv1.weight[[0, 1]] = 0
+        model.conv1.bias[0], model.conv1.bias[1] = 1.0, -1.0   # relu: a constant 1 and a constant 0
+        model.conv2.weight[:, 2] = 0                             # nothing reads channel 2
+    return model
+
+
+@pytest.mark.parametrize("mode, kept", [("constant", 6), ("reflect", 5), ("replicate", 5)])
+def test_padding_between_layers_keeps_the_channels_followed(mode, kept):
+    """The padding leaves the channels alone: channel 1 (a constant 0, padded with 0 or itself) and the unread
+    channel 2 go in every mode; channel 0 (a constant 1) goes where the padding copies it (reflect, replicate)
+    and stays where zeros border it, since the next layer then sees it vary."""
+    model = _constant_and_unread_channels(PadBetween(mode).eval())
+    x = torch.randn(2, 3, 8, 8)
+    small = gf.compact(model, x)
+    assert small.conv1.weight.shape[0] == kept and small.conv2.weight.shape[1] == kept
+    assert torch.allclose(eval_out(small, x), eval_out(model, x), atol=1e-5)
+
+
+def test_granet_export_compacts_through_a_reflection_padding(tmp_path):
+    """The exported graph (the model's code) pads with ``pad``: followed the same way, through the command."""
+    import os
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    model = _constant_and_unread_channels(PadBetween("reflect").eval())
+    x = torch.randn(2, 3, 8, 8)
+    gf.save(model, tmp_path / "m.pt", example_inputs=(x,))
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
+    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "removed 3 of" in run.stdout, run.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), eval_out(model, x), atol=1e-5, rtol=1e-5)
+
+
 class BatchNormInto1x1(nn.Module):
     def __init__(self):
         super().__init__()
