@@ -75,9 +75,11 @@ _SPATIAL = {
     aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3,
     aten.upsample_nearest1d.default: 1, aten.upsample_nearest2d.default: 2, aten.upsample_nearest3d.default: 3,
     aten.upsample_bilinear2d.default: 2,
-    aten.reflection_pad1d.default: 1, aten.reflection_pad2d.default: 2, aten.reflection_pad3d.default: 3,
-    aten.replication_pad1d.default: 1, aten.replication_pad2d.default: 2, aten.replication_pad3d.default: 3,
 }
+# Paddings, each (input, amounts for the last dimensions, ...): see ``_Analysis.pad``.
+_PADS = {aten.constant_pad_nd.default, aten.pad.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
+         aten.reflection_pad3d.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
+         aten.replication_pad3d.default}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
 # Matrix products that are a linear layer when their second operand is a weight (see ``_matmul_weight``).
 _MATMULS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
@@ -679,7 +681,7 @@ class _Analysis:
             return self.layouts[node.args[0]]          # a slice along another dimension (rotary embeddings)
         elif t is aten.select.int:
             return self.select(node)
-        elif t in (aten.constant_pad_nd.default, aten.pad.default):
+        elif t in _PADS:
             return self.pad(node)
         elif t in (aten.layer_norm.default, masked_layer_norm, masked_rms_norm):
             return self.layer_norm(node)
@@ -891,7 +893,7 @@ class _Analysis:
     def pad(self, node: fx.Node) -> _Layout | None:
         """Padding along other dimensions (a key of zeros added to every head, a border of an image): the
         channels stay, each padded alike. (A recorded graph has ``constant_pad_nd`` or a reflection or
-        replication pad, see ``_SPATIAL``; an exported one ``pad``, with its mode.)"""
+        replication pad; an exported one ``pad``, with its mode.)"""
         layout = self.layouts[node.args[0]]
         amounts = node.args[1]
         rank = _val(node.args[0]).dim()
