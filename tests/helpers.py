@@ -1,6 +1,7 @@
 """Small models and a training loop shared by the tests."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -121,3 +122,13 @@ def run_benchmark(script, args, out):
                             cwd=Path(__file__).resolve().parents[1], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out.with_suffix(".txt").read_text(), json.loads(out.with_suffix(".json").read_text())
+
+
+def granet_export(source, out, *options, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``granet-export SOURCE -o OUT [options]``, the installed command in a fresh process, as users run it;
+    asserts that it succeeded."""
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
+    run = subprocess.run([exe, str(source), "-o", str(out), *map(str, options)], capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, run.stderr
+    return run

@@ -11,7 +11,7 @@ import granet_fx as gf
 from granet_fx.passes.channel_groups import named_tensors
 from granet_fx.models import BottleneckResNet, InvertedResidual, MLP, Mnist1dCNN, MobileNetV2, TransformerBlock
 
-from helpers import Branchy, batches, train
+from helpers import Branchy, batches, granet_export, train
 from test_channel_groups import Mobile, TwoBlocks
 from test_layer_norms import Stream, _pruned
 
@@ -102,19 +102,12 @@ def test_padding_between_layers_keeps_the_channels_followed(mode, kept):
 
 def test_granet_export_compacts_through_a_reflection_padding(tmp_path):
     """The exported graph (the model's code) pads with ``pad``: followed the same way, through the command."""
-    import os
-    import subprocess
-    import sys
-
     import onnxruntime
 
     model = _constant_and_unread_channels(PadBetween("reflect").eval())
     x = torch.randn(2, 3, 8, 8)
     gf.save(model, tmp_path / "m.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    run = granet_export(tmp_path / "m.pt", tmp_path / "m.onnx", "--compact")
     assert "removed 3 of" in run.stdout, run.stdout
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

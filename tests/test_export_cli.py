@@ -17,7 +17,7 @@ import granet_fx as gf
 from granet_fx.export import cli
 from granet_fx.export.onnx_export import run_onnxruntime
 
-from helpers import MLP, SmallCNN
+from helpers import MLP, SmallCNN, granet_export
 from test_archive import Touch, rewrite
 from test_fold import trained
 from test_onnx_export import sparse_tensors
@@ -240,11 +240,9 @@ def test_console_script_subprocess(tmp_path):
 @pytest.mark.slow
 def test_console_script_end_to_end(archive, tmp_path):
     *_, path = archive
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    result = subprocess.run([exe, str(path), "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = granet_export(path, tmp_path / "out.onnx")
     assert "wrote" in result.stdout and (tmp_path / "out.onnx").exists()
+    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
     help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300).stdout
     assert "RUNS CODE FROM THE FILE" in help_text
 
@@ -373,10 +371,7 @@ def test_compact_names_conv_widths_that_run_slow(tmp_path, multiple, note):
     model = gf.sparsify(TwoConvs(), config, example_inputs=(x,))
     gf.GraNet(model, torch.optim.SGD(model.parameters(), lr=0.0)).step()
     gf.save(model.eval(), tmp_path / "m.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    run = granet_export(tmp_path / "m.pt", tmp_path / "m.onnx", "--compact", timeout=300)
     assert "Warning" not in run.stderr, run.stderr      # torch's own deprecation warnings stay inside
     if note is None:
         assert "not a multiple of 8" not in run.stdout

@@ -16,6 +16,8 @@ import granet_fx as gf
 from granet_fx.passes.channel_groups import channel_groups
 from granet_fx.structured import ChannelMasks
 
+from helpers import granet_export
+
 
 class Attention(nn.Module):
     """Self-attention written the way HF models write it: separate q, k, v projections, heads by a
@@ -167,10 +169,7 @@ def test_heads_written_as_numbers_stay_in_python_and_go_from_a_file(tmp_path):
     x = torch.randn(2, 6, 16)
     assert tuple(gf.compact(model, x).q.weight.shape) == (16, 16)
     gf.save(model, tmp_path / "m.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    run = granet_export(tmp_path / "m.pt", tmp_path / "m.onnx", "--compact")
     assert "removed 2 of" in run.stdout, run.stdout               # 2 heads
     import onnx
     import onnxruntime
@@ -201,10 +200,7 @@ def test_bert_loses_whole_heads_and_granet_export_compacts_it(tmp_path):
     assert min(kept) < 8, kept
 
     gf.save(sparse, tmp_path / "bert.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "bert.pt"), "-o", str(tmp_path / "bert.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    granet_export(tmp_path / "bert.pt", tmp_path / "bert.onnx", "--compact")
     import onnx
 
     # the exporter stores q, k, v transposed, (64, 8 x heads), and the output projection as (8 x heads, 64)

@@ -2,9 +2,6 @@
 trained with the statistics over its kept channels, and compacted exactly (checked against layer norms
 computed by hand over the kept channels only)."""
 
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -15,6 +12,8 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.passes.channel_groups import channel_groups
 from granet_fx.passes.layer_norms import MaskedLayerNorm, MaskedRMSNorm, masked_layer_norm
+
+from helpers import granet_export
 
 
 class Block(nn.Module):
@@ -174,10 +173,7 @@ def test_vit_through_gf_save_and_granet_export_compact_narrows_its_residual_stre
     width = int(sparse.get_buffer("classifier.weight_mask")[0].sum())
     assert width == 32
     gf.save(sparse, tmp_path / "vit.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "vit.pt"), "-o", str(tmp_path / "vit.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    granet_export(tmp_path / "vit.pt", tmp_path / "vit.onnx", "--compact")
     proto = onnx.load(str(tmp_path / "vit.onnx"))
     shapes = {tuple(i.dims) for i in proto.graph.initializer}
     assert (width, 3, 8, 8) in shapes and (64, 3, 8, 8) not in shapes       # the patch embedding's channels
@@ -238,10 +234,7 @@ def test_granet_export_without_compaction_runs_the_masked_layer_norms(tmp_path):
     x = torch.randn(8, 6)
     sparse = _pruned(Stream(), x)
     gf.save(sparse, tmp_path / "stream.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "stream.pt"), "-o", str(tmp_path / "stream.onnx")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    granet_export(tmp_path / "stream.pt", tmp_path / "stream.onnx")
     session = ort.InferenceSession(str(tmp_path / "stream.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

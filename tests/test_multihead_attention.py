@@ -6,9 +6,6 @@ compacted in Python and through granet-export, checked against attention compute
 import copy
 import itertools
 import math
-import os
-import subprocess
-import sys
 import warnings
 from collections import Counter
 
@@ -20,6 +17,7 @@ from torch import nn
 import granet_fx as gf
 from granet_fx.passes.attention import SplitHeadsAttention, SplitHeadsEncoderLayer, split_attention_heads
 
+from helpers import granet_export
 from test_heads import granet_on_heads
 
 
@@ -92,6 +90,11 @@ def test_dropout_in_training_draws_what_torch_draws(need_weights):
     if need_weights:
         torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
         assert bool((got[1] == 0).any())                    # dropout did act
+
+
+def kept_heads(sparse):
+    """The heads of ``att`` (4 heads of 4 channels) that the masks keep: those whose out_proj columns are kept."""
+    return sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
 
 
 OPTIONS = [{"add_bias_kv": True}, {"add_zero_attn": True}, {"add_bias_kv": True, "add_zero_attn": True}]
@@ -174,7 +177,7 @@ def test_bias_kv_and_zero_attn_lose_whole_heads(options):
         assert {(m.weight, m.repeat) for m in heads.members if m.role == "param"} == {("att.bias_k", 4),
                                                                                       ("att.bias_v", 4)}
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
-    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    kept = kept_heads(sparse)
     assert 0 < len(kept) < 4
     small = gf.compact(sparse.eval(), x)
     assert small.att.num_heads == len(kept) and small.att.in_proj_weight.shape[0] == 12 * len(kept)
@@ -234,7 +237,7 @@ def test_kdim_and_vdim_lose_whole_heads(bias):
     assert keys.size == 12 and {(m.role, m.weight) for m in keys.members} == {("row", "k_in.weight"),
                                                                              ("column", "att.k_proj_weight")}
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
-    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    kept = kept_heads(sparse)
     assert 0 < len(kept) < 4
     small = gf.compact(sparse.eval(), (x, memory))
     att = small.att
@@ -355,8 +358,8 @@ def test_granet_keeps_whole_heads_and_compact_removes_them():
 
     torch.manual_seed(0)
     sparse = granet_on_heads(Attention(), whole_heads)
-    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0]
-    assert int(kept.sum()) == 2
+    kept = kept_heads(sparse)
+    assert len(kept) == 2
     x = torch.randn(3, 5, 16)
     small = gf.compact(sparse, x)
     att = small.att
@@ -365,7 +368,7 @@ def test_granet_keeps_whole_heads_and_compact_removes_them():
     assert (att.split_size, att.num_heads, att.head_dim, att.embed_dim) == (8, 2, 4, 16)
     folded = gf.fold(sparse).att
     with torch.no_grad():
-        torch.testing.assert_close(small(x), by_hand(folded, x, kept.nonzero().squeeze(1).tolist()))
+        torch.testing.assert_close(small(x), by_hand(folded, x, kept))
         torch.testing.assert_close(small(x), sparse.eval()(x), atol=1e-6, rtol=1e-5)
         # the compacted module runs every path: weights over its 2 heads, cross-attention, masks
         y = torch.randn(3, 7, 16)
@@ -401,7 +404,7 @@ def test_cross_attention_loses_whole_heads():
     assert {(m.role, m.weight) for m in inputs.members} >= {
         ("row", "q_in.weight"), ("row", "kv_in.weight"), ("column", "att.in_proj_weight")}
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
-    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    kept = kept_heads(sparse)
     assert 0 < len(kept) < 4
     small = gf.compact(sparse.eval(), (x, memory))
     att = small.att
@@ -436,14 +439,11 @@ def test_granet_export_compacts_the_heads(tmp_path):
     model = Attention()
     sparse = gf.sparsify(model, channel_config(), example_inputs=(torch.randn(2, 5, 16),))
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
-    kept = sparse.get_buffer("att.out_proj.weight_mask")[0].view(4, 4)[:, 0].nonzero().squeeze(1).tolist()
+    kept = kept_heads(sparse)
     assert len(kept) == 2
     x = torch.randn(2, 5, 16)
     gf.save(sparse, tmp_path / "m.pt", example_inputs=(x,))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    run = granet_export(tmp_path / "m.pt", tmp_path / "m.onnx", "--compact")
     assert "removed 2 of" in run.stdout, run.stdout
     import onnx
     import onnxruntime
@@ -488,10 +488,7 @@ def test_granet_export_compacts_the_heads_of_every_option(tmp_path):
         sparse = gf.sparsify(Attentions(), channel_config(scope="layer"), example_inputs=(x, memory))
     gf.GraNet(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0)).step()
     gf.save(sparse, tmp_path / "m.pt", example_inputs=(x, memory))
-    exe = os.path.join(os.path.dirname(sys.executable), "granet-export")
-    run = subprocess.run([exe, str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--compact"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    granet_export(tmp_path / "m.pt", tmp_path / "m.onnx", "--compact")
     import onnxruntime
 
     folded = gf.fold(sparse).eval()
