@@ -9,9 +9,9 @@ write the new mask, and re-mask the weight and its momentum. In one run, on
 - the bytes an update must touch at the least (the byte model below), and so
   the bandwidth limit, bytes / bandwidth;
 - the update time and the training-step time, side by side, and the same
-  updates with the eager selection pass in place of the compiled one
-  (``granet_fx.native``): from the same state, alternately first, checked to
-  choose the same masks,
+  updates with the eager passes (selection and re-masking) in place of the
+  compiled ones (``granet_fx.native``): from the same state, alternately
+  first, checked to choose the same masks,
 
 for three models, each sparsified with ``gf.sparsify`` (GraNet, dense to 90%
 sparsity over 1000 steps, an update every 100 steps, pruning until step 500,
@@ -225,13 +225,13 @@ def measure(setup: Setup) -> dict:
                 seconds[path] = _timed(lambda: granet.step() or _not_updated(t))
             masks[path] = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
         if not all(torch.equal(a, b) for a, b in zip(masks["compiled"], masks["eager"])):
-            raise RuntimeError(f"step {t}: the compiled and the eager selection pass chose different masks")
+            raise RuntimeError(f"step {t}: the compiled and the eager passes chose different masks")
         # Both left the same masks, so the same weights and momentum: the schedule goes on from either.
         updates.append({"step": t, "kind": "prune + regrow" if t <= PRUNE_END else "regrow",
                         "seconds": seconds["compiled"], "eager_seconds": seconds["eager"],
                         "sparsity_after": granet.report().global_sparsity})
         print(f"  {setup.name} step {t}: {updates[-1]['kind']}, sparsity {updates[-1]['sparsity_after']:.3f}, "
-              f"update {seconds['compiled'] * 1e3:.1f} ms (eager pass {seconds['eager'] * 1e3:.1f} ms), "
+              f"update {seconds['compiled'] * 1e3:.1f} ms (eager passes {seconds['eager'] * 1e3:.1f} ms), "
               f"training step {steps[-1] * 1e3:.1f} ms", flush=True)
     update = statistics.median(u["seconds"] for u in updates)
     remask = statistics.median(remasks)
@@ -241,16 +241,17 @@ def measure(setup: Setup) -> dict:
 
 @contextlib.contextmanager
 def selection_pass(path: str):
-    """Mask updates with the compiled selection pass ("compiled", granet_fx.native) or the eager one."""
+    """Mask updates with the compiled passes ("compiled", granet_fx.native: selection and re-masking) or
+    the eager ones."""
     if path == "compiled" and native.kernel() is None:
-        raise RuntimeError("the compiled selection pass is not available here (no C compiler?)")
-    eligible = native.eligible
+        raise RuntimeError("the compiled passes are not available here (no C compiler?)")
+    eligible, can_zero = native.eligible, native.can_zero
     if path == "eager":
-        native.eligible = lambda *a: False
+        native.eligible = native.can_zero = lambda *a: False
     try:
         yield
     finally:
-        native.eligible = eligible
+        native.eligible, native.can_zero = eligible, can_zero
 
 
 def _not_updated(t: int) -> None:
@@ -315,8 +316,8 @@ def report(data: dict) -> str:
         "",
         "weights: masked weights; MB: bytes by the byte model; limit: MB / best bandwidth;",
         f"update: granet.step() at an update step, median of {len(UPDATES)} (steps 100-500 prune + regrow,"
-        " 600-900 regrow), its re-masking included, with the compiled selection pass (granet_fx.native);",
-        "eager: the same updates from the same state with the eager pass instead, timed alternately with them"
+        " 600-900 regrow), its re-masking included, with the compiled passes (granet_fx.native);",
+        "eager: the same updates from the same state with the eager passes instead, timed alternately with them"
         " (the same masks, checked at every update);",
         "step: zero_grad + forward + backward + optimizer.step() + granet.step() at the non-update step before"
         " each update, median of the same number.",
@@ -563,7 +564,9 @@ def run_profile(args: argparse.Namespace) -> tuple[str, dict]:
         rows.append(profile(setup, args.repeats or (1 if args.quick else 2)))
         del setup
     lines = [f"# {command()}", f"# {machine()}", f"schedule: {SCHEDULE}", f"optimizer: {OPTIMIZER}",
-             "minimum by the byte model: 26 B per masked weight, one pass over each tensor", ""]
+             "minimum by the byte model: 26 B per masked weight, one pass over each tensor",
+             "bytes moved and passes count aten ops only: the compiled passes (granet_fx.native: selection,"
+             " re-masking) are not aten ops, and their time shows under _pass and _zero", ""]
     for r in rows:
         for kind, k in r["kinds"].items():
             lines.append(f"{r['label']} ({r['masked_weights']:,} masked weights in {r['layers']} layers), "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import native
 from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
 from .criteria import drop_smallest, grow_largest, prune_global_counted, prune_gradient_first
 from .distributed import comm_for, is_sharded, local, row_offset, shard_like
@@ -195,11 +196,13 @@ class GraNet:
         for w, m in zip(self._params, self._param_masks):
             self._zero(w, local(m), local)
 
-    def _zero(self, w: torch.Tensor, mask: torch.Tensor, part) -> None:
-        """Zero ``part`` of the weight ``w``, and of its optimizer state, where ``mask`` is False."""
+    def _zero(self, w: torch.Tensor, mask: torch.Tensor, part, also: torch.Tensor | None = None,
+              dest: torch.Tensor | None = None) -> None:
+        """Zero ``part`` of the weight ``w``, and of its optimizer state, where ``mask`` (and ``also``) is
+        False; ``dest``: then copy ``also`` (or ``mask``) there."""
         tensors = [part(w)] + [part(v) for v in self.optimizer.state.get(w, {}).values()
                                if isinstance(v, torch.Tensor) and v.shape == w.shape]
-        _zero_where_not(tensors, mask)
+        _zero_where_not(tensors, mask, also, dest)
 
     @torch.no_grad()
     def _update(self, t: int, prune: bool, regrow: bool) -> None:
@@ -207,18 +210,37 @@ class GraNet:
 
         The weights kept are those active both after pruning and after
         regrowth: a regrown connection starts from zero, as if the masks had
-        been applied after each stage.
+        been applied after each stage. The new masks are written in the work
+        buffers (``_work_buffers``), never in fresh memory: pruning's in one
+        buffer a mask; then, layer by layer, the drop and the growth in the
+        spare and in whichever of that buffer and the mask does not hold the
+        pruned mask (the growth in the mask itself when it can), and the
+        re-masking copies the new mask into the mask in the same pass.
         """
         current = self._masks
+        work, spare = self._work_buffers()
         counts = self._comm.sum([int(torch.count_nonzero(m)) for m in current])   # the masks may have been loaded
-        masks, counts = self._pruned(t, counts) if prune else (current, counts)
-        final = self._regrown(t, masks, counts) if regrow else masks
-        for i, (m, p, f) in enumerate(zip(current, masks, final)):
-            kept = p if f is p else torch.logical_and(p, f)     # twice as fast as p & f on bools
-            if f is not m:
-                m.copy_(f)
-            self._zero(self._params[self._unit_param[i]], kept, lambda x, i=i: self._part(i, x))
+        masks, counts = self._pruned(t, counts, work) if prune else (current, counts)
+        fraction = self.regrow_fraction(t)
+        for i, (m, p) in enumerate(zip(current, masks)):
+            flat, room = m.view(-1), spare[:m.numel()]
+            pruned = p.data_ptr() != m.data_ptr()          # then m is free: the growth goes there
+            f = self._regrown(i, p, counts[i], fraction, room if pruned else work[i], flat if pruned else room) \
+                if regrow else p
+            # Zeroed where p and f are not both True; m becomes f in the same pass (f may be m already).
+            self._zero(self._params[self._unit_param[i]], p, lambda x, i=i: self._part(i, x), None if f is p else f,
+                       m if f.data_ptr() != m.data_ptr() else None)
         self._active = dict(zip(self._names, counts))    # regrowth keeps every count
+
+    def _work_buffers(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A flat bool buffer for each mask and a spare as long as the longest, made at the first update
+        and kept: fresh memory costs a page fault every 4 KiB, more than the selection itself."""
+        if getattr(self, "_work", None) is None:
+            masks = self._masks
+            device = masks[0].device if masks else None
+            self._work = ([torch.empty(m.numel(), dtype=torch.bool, device=m.device) for m in masks],
+                          torch.empty(max((m.numel() for m in masks), default=0), dtype=torch.bool, device=device))
+        return self._work
 
     def _update_structured(self, t: int, prune: bool, regrow: bool) -> None:
         if prune:
@@ -228,9 +250,9 @@ class GraNet:
             self._structured.regrow(self.regrow_fraction(t), self._generator if self.config.method == "set" else None)
             self.apply_masks()
 
-    def _pruned(self, t: int, counts: list[int]) -> tuple[list[torch.Tensor], list[int]]:
-        """The masks after step ``t``'s pruning by |w| (new tensors), and their active counts over all
-        ranks; ``counts``: those of the masks now."""
+    def _pruned(self, t: int, counts: list[int], out: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """The masks after step ``t``'s pruning by |w| (not the masks now: in ``out`` where the selection can
+        write there), and their active counts over all ranks; ``counts``: those of the masks now."""
         c = self.config
         comm, weights, masks = self._comm, self._weights, self._masks
         if c.method == "fggp":
@@ -242,7 +264,7 @@ class GraNet:
             if c.method == "fggp":
                 new = prune_gradient_first(scores, grads, masks, keep, c.select_ratio, comm)
             else:
-                return prune_global_counted(weights, masks, keep, comm, counts, magnitude=True)
+                return prune_global_counted(weights, masks, keep, comm, counts, magnitude=True, out=out)
             return new, comm.sum([int(torch.count_nonzero(m)) for m in new])
         new, after = [], []
         for i, (w, m, n0, nf) in enumerate(zip(weights, masks, self._start_counts, self._final_counts)):
@@ -253,30 +275,25 @@ class GraNet:
                 new.append(prune_gradient_first([scores[i]], [grads[i]], [m], keep, c.select_ratio, comm)[0])
                 after.append(comm.sum([int(torch.count_nonzero(new[-1]))])[0])
             else:
-                new.append(drop_smallest(w, m, counts[i] - keep, comm, counts[i], magnitude=True))
+                new.append(drop_smallest(w, m, counts[i] - keep, comm, counts[i], magnitude=True, out=out[i]))
                 after.append(counts[i] - max(0, min(counts[i] - keep, counts[i])))
         return new, after
 
-    def _regrown(self, t: int, masks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-        """``masks`` after step ``t``'s drop and regrowth in every layer (new tensors where they change),
-        which keep every layer's count; ``counts``: the active entries of ``masks`` over all ranks."""
-        fraction = self.regrow_fraction(t)
+    def _regrown(self, i: int, mask: torch.Tensor, active: int, fraction: float, dropped: torch.Tensor,
+                 grown: torch.Tensor) -> torch.Tensor:
+        """Unit i's ``mask`` after dropping and regrowing ``fraction`` of its ``active`` entries (over all
+        ranks), which keeps its count; ``mask`` itself without a gradient. The drop may be written in
+        ``dropped``, the growth in ``grown`` (flat bool buffers of the mask's size, neither ``mask``)."""
+        grad = self._grad(i)
+        if grad is None:
+            return mask
         comm = self._comm
-        new = []
-        for i, (m, active) in enumerate(zip(masks, counts)):
-            grad = self._grad(i)
-            if grad is None:
-                new.append(m)
-                continue
-            n = math.ceil(fraction * active)        # at most ``active``: as many dropped as regrown
-            kept = drop_smallest(self._weight(i), m, n, comm, active, magnitude=True)
-            if self.config.method == "set":
-                grown = grow_largest(self._random_scores(i).to(m.device), kept, n, comm,
-                                     self._units[i].numel - active + n)
-            else:
-                grown = grow_largest(grad, kept, n, comm, self._units[i].numel - active + n, magnitude=True)
-            new.append(grown)
-        return new
+        n = math.ceil(fraction * active)        # at most ``active``: as many dropped as regrown
+        kept = drop_smallest(self._weight(i), mask, n, comm, active, magnitude=True, out=dropped)
+        inactive = self._units[i].numel - active + n
+        if self.config.method == "set":
+            return grow_largest(self._random_scores(i).to(mask.device), kept, n, comm, inactive, out=grown)
+        return grow_largest(grad, kept, n, comm, inactive, magnitude=True, out=grown)
 
     def _random_scores(self, i: int) -> torch.Tensor:
         """SET's random scores for unit i on this rank: the whole unit's draw, cut to the local rows,
@@ -343,7 +360,8 @@ class GraNet:
         return {n: m.clone() for n, m in zip(self._names, self._masks)}
 
     def mask_bytes(self) -> int:
-        """Bytes of mask this rank holds (under FSDP2 about 1/world of the whole)."""
+        """Bytes of mask this rank holds (under FSDP2 about 1/world of the whole); the work buffers of the
+        mask updates (``_work_buffers``) hold about as many again from the first update on."""
         return sum(local(m).numel() * local(m).element_size() for m in self._param_masks)
 
     def report(self) -> SparsityReport:
@@ -383,15 +401,30 @@ class GraNet:
         self._count_active()
 
 
-# Zeroing where a mask is False: multiplying the bits of each value, seen as integers of its size, by the
-# mask as 0/1 integers keeps every kept value bit for bit and writes +0.0 elsewhere, like masked_fill_,
-# at half its time; the mask goes through a buffer of one slice (a quarter million entries: it stays in cache).
+# Zeroing where a mask is False: compiled (granet_fx.native) where it can be, one read of the masks for
+# every tensor. Otherwise multiplying the bits of each value, seen as integers of its size, by the mask as
+# 0/1 integers keeps every kept value bit for bit and writes +0.0 elsewhere, like masked_fill_, at half
+# its time; the mask goes through a buffer of one slice (a quarter million entries: it stays in cache).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SLICE = 1 << 18
 
 
-def _zero_where_not(tensors: list[torch.Tensor], mask: torch.Tensor) -> None:
-    """Set each of ``tensors`` (shaped like ``mask``) to zero where the bool ``mask`` is False."""
+def _zero_where_not(tensors: list[torch.Tensor], mask: torch.Tensor, also: torch.Tensor | None = None,
+                    dest: torch.Tensor | None = None) -> None:
+    """Set each of ``tensors`` (shaped like ``mask``) to zero where the bool ``mask`` (and ``also``) is False;
+    ``dest``: then copy ``also`` (or ``mask``) there (``mask`` itself too)."""
+    compiled = [t for t in tensors if t.is_floating_point() and native.can_zero([t], mask, also, dest)]
+    rest = [t for t in tensors if not any(t is c for c in compiled)]
+    if rest:                    # before ``dest`` is written: it may be ``mask``
+        _zero_eager(rest, mask if also is None else torch.logical_and(mask, also))
+    if compiled or (dest is not None and native.can_zero([], mask, also, dest)):
+        native.zero_where_not(compiled, mask, also, dest)
+    elif dest is not None:
+        dest.copy_((mask if also is None else also).view(dest.shape))
+
+
+def _zero_eager(tensors: list[torch.Tensor], mask: torch.Tensor) -> None:
+    """``_zero_where_not`` without the compiled pass: by slices of the mask, as integers."""
     flat = mask.reshape(-1)
     fast = [t for t in tensors if t.is_floating_point() and t.is_contiguous() and t.element_size() in _BITS]
     for t in tensors:

@@ -226,9 +226,17 @@ def test_resume_with_another_config_is_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_remasking_writes_zero_bit_for_bit_like_masked_fill(dtype, monkeypatch):
-    from granet_fx import controller
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("two_masks", [False, True])
+@pytest.mark.parametrize("dest", [None, "mask", "other"])      # the new mask copied: over the first one too
+def test_remasking_writes_zero_bit_for_bit_like_masked_fill(dtype, compiled, two_masks, dest, monkeypatch):
+    from granet_fx import controller, native
+    if compiled and native.kernel() is None:
+        pytest.skip("no C compiler builds granet_fx/native here")
+    if not compiled:
+        monkeypatch.setattr(native, "can_zero", lambda *a: False)
     monkeypatch.setattr(controller, "_SLICE", 1000)      # several slices
+    monkeypatch.setattr(native, "SPAN", 1000)            # several jobs on the threads
     g = torch.Generator().manual_seed(0)
     w = torch.randn(70, 90, generator=g).to(dtype)
     w[0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, -1.0, 2.0])
@@ -236,7 +244,13 @@ def test_remasking_writes_zero_bit_for_bit_like_masked_fill(dtype, monkeypatch):
     strided = torch.randn(90, 70, generator=g).t()           # not contiguous: masked_fill_ itself
     mask = torch.rand(70, 90, generator=g) < 0.3
     mask[0, :3] = False
-    expected = [t.masked_fill(~mask, 0) for t in (w, state, strided)]
-    controller._zero_where_not([w, state, strided], mask)
+    also = torch.rand(70, 90, generator=g) < 0.7 if two_masks else None
+    kept = mask & also if two_masks else mask
+    expected = [t.masked_fill(~kept, 0) for t in (w, state, strided)]
+    new = (also if two_masks else mask).clone()
+    target = {None: None, "mask": mask, "other": torch.zeros_like(mask)}[dest]
+    controller._zero_where_not([w, state, strided], mask, also, target)
+    if target is not None:
+        assert torch.equal(target, new)
     for got, want in zip((w, state, strided), expected):
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))  # bits: +0.0

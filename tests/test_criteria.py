@@ -217,3 +217,60 @@ def test_prune_global_counted_counts_what_it_keeps(keep):
     assert sum(counts) == max(keep, 3) and all(c >= 1 for c in counts)
     got = np.concatenate([m.numpy().ravel() for m in new])
     assert (got == reference_prune([w.abs() for w in weights], masks, keep)).all()
+
+
+@pytest.mark.parametrize("n", [10, 70_000, 300_000])
+def test_kth_is_the_sorted_keys_rth(n):
+    # Against a sort: keys with many repeats and NaNs (after every number), ranks at the ends and inside.
+    g = torch.Generator().manual_seed(n)
+    keys = torch.round(torch.randn(n, generator=g), decimals=2)
+    keys[torch.rand(n, generator=g) < 0.01] = math.nan
+    ordered = keys.sort().values          # NaN last
+    for r in {1, 2, n // 3, n // 2, n - int(keys.isnan().sum()), n - 1, n}:
+        got, want = criteria._kth(keys, r), ordered[r - 1].item()
+        assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+@pytest.mark.parametrize("keep", [5, 30_000, 90_000])    # 5: every layer keeps its best one (the retry)
+def test_selections_written_in_given_buffers_are_the_same(keep):
+    # ``out`` buffers that hold stale values: the new masks are still the reference's, the inputs untouched.
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(300, 400, generator=g), 1e-3 * torch.rand(50, 40, generator=g), torch.randn(7, 3, generator=g)]
+    masks = [torch.rand(w.shape, generator=g) < 0.8 for w in weights]
+    before = [m.clone() for m in masks]
+    stale = lambda m: torch.rand(m.numel(), generator=g) < 0.5
+    new, counts = criteria.prune_global_counted(weights, masks, keep, magnitude=True, out=[stale(m) for m in masks])
+    got = np.concatenate([m.numpy().ravel() for m in new])
+    assert (got == reference_prune([w.abs() for w in weights], masks, keep)).all()
+    assert counts == [int(m.sum()) for m in new]
+    s, m = weights[0].abs().numpy().ravel(), masks[0].numpy().ravel()
+    n = min(keep, 20_000)
+    dropped = np.argsort(np.where(m, s, np.inf), kind="stable")[:n]
+    expected = m.copy()
+    expected[dropped] = False
+    kept = drop_smallest(weights[0], masks[0], n, magnitude=True, out=stale(masks[0]))
+    assert (kept.numpy().ravel() == expected).all()
+    grown = np.argsort(-np.where(expected, -np.inf, s), kind="stable")[:n]
+    expected[grown] = True
+    assert (grow_largest(weights[0], kept, n, magnitude=True, out=stale(kept)).numpy().ravel() == expected).all()
+    assert all(torch.equal(a, b) for a, b in zip(masks, before))
+
+
+@pytest.mark.parametrize("lone", [1e-4, 10.0])      # a layer's one entry: below the threshold, or far above
+def test_a_layer_down_to_one_entry_selects_like_the_reference(lone):
+    # With a mask of one active entry the selection sets every mask's best aside from the start; the
+    # masks are still the reference's, whether or not that entry would have been taken, and the
+    # masks given are left as they were.
+    g = torch.Generator().manual_seed(13)
+    weights = [torch.randn(300, 400, generator=g), torch.randn(20, 30, generator=g), torch.randn(64, 64, generator=g)]
+    weights[1][3, 4] = lone
+    masks = [torch.rand(w.shape, generator=g) < 0.6 for w in weights]
+    masks[1].zero_()
+    masks[1][3, 4] = True
+    before = [m.clone() for m in masks]
+    for keep in (10, 20_000, 60_000):
+        new, counts = criteria.prune_global_counted(weights, masks, keep, magnitude=True)
+        got = np.concatenate([m.numpy().ravel() for m in new])
+        assert (got == reference_prune([w.abs() for w in weights], masks, keep)).all()
+        assert counts == [int(m.sum()) for m in new] and counts[1] == 1
+        assert all(torch.equal(a, b) for a, b in zip(masks, before))

@@ -52,11 +52,23 @@ def tensors(seed):
 @pytest.mark.parametrize("bracket", [(-math.inf, math.inf, None), (-0.3, 0.4, None), (-0.3, 0.4, 0.1),
                                      (0.0, 0.0, 0.0), (-math.inf, 0.2, 0.0), (0.5, math.inf, 0.5)])
 @pytest.mark.parametrize("chunk", [criteria.CHUNK, 1000])     # 1000: many slices, split among threads
-def test_compiled_pass_equals_eager(largest, magnitude, bracket, chunk, monkeypatch):
+@pytest.mark.parametrize("complement, keep_rest, remove", [(False, False, False), (True, False, False),
+                                                       (True, True, False), (False, True, False), (False, False, True)])
+def test_compiled_pass_equals_eager(largest, magnitude, bracket, chunk, complement, keep_rest, remove, monkeypatch):
     monkeypatch.setattr(criteria, "CHUNK", chunk)
     scores, pools = tensors(chunk)
     lower, upper, tie = bracket
-    assert_same(*both(monkeypatch, scores, pools, lower, upper, tie, largest, magnitude))
+    compiled, eager = both(monkeypatch, scores, pools, lower, upper, tie, largest, magnitude, complement, keep_rest,
+                           None, remove)
+    assert_same(compiled, eager)
+    # Independently of both: the pool, the marks and what keep_rest adds, from plain comparisons.
+    for s, p, c in zip(scores, pools, compiled):
+        pool = ~p if complement else p
+        key = s.abs() if magnitude else s
+        key = -key if largest else key
+        marks = pool & (key <= upper) if upper != math.inf else pool
+        assert c.n_marked == int(marks.sum())
+        assert torch.equal(c.marked, pool & ~marks if remove else marks | ~pool if keep_rest else marks)
 
 
 def test_a_full_pass_outgrows_its_first_buffers(monkeypatch):
@@ -86,3 +98,19 @@ def test_disabled_by_the_environment(monkeypatch):
         monkeypatch.delenv("GRANET_FX_NATIVE")
         native.kernel.cache_clear()
     assert native.kernel() is not None
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_slice_tops_are_torchs_amax_of_the_pool(magnitude, with_nan):
+    scores, pools = tensors(17)
+    for s, p in zip(scores, pools):
+        if not with_nan:
+            s = torch.nan_to_num(s, nan=0.25)
+        p = p.clone()
+        p[:1000] = False                       # a slice without pool entries: -inf
+        key = s.abs() if magnitude else s
+        want = [torch.where(p[a:a + 1000], key[a:a + 1000], -math.inf).amax().item() for a in range(0, s.numel(), 1000)]
+        got = native.slice_tops(s, p, 1000, magnitude)
+        assert len(got) == len(want)
+        assert all(g == w or (math.isnan(g) and math.isnan(w)) for g, w in zip(got, want))

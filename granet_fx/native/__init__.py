@@ -1,11 +1,18 @@
-"""The selection pass of mask updates (``criteria._pass``) as one compiled loop per tensor.
+"""The passes over memory of a mask update as compiled loops: the selection pass (``criteria._pass``)
+and the re-masking (zeroing where a mask is False).
 
 An eager pass costs several aten ops per slice of a tensor, each a trip
-through memory; the loop in ``select_pass.c`` reads each score and pool entry
-once and writes the marks once. It is compiled with the machine's C compiler
-on first use and cached (``cache_dir()``, keyed by the source); without a
-compiler, or with ``GRANET_FX_NATIVE=0``, the eager pass runs instead, with the
-same results. Float32 scores and bool pools on the CPU only.
+through memory; the loops in ``update_passes.c`` read each score and pool entry
+once and write the marks once, and zero every tensor shaped like a mask in one
+read of the mask. They are compiled with the machine's C compiler on first use
+and cached (``cache_dir()``, keyed by the source); without a compiler, or with
+``GRANET_FX_NATIVE=0``, the eager passes run instead, with the same results.
+CPU tensors only: float32 scores, bool pools and masks.
+
+The passes run on ``torch.get_num_threads()`` OpenMP threads: with torch's
+libgomp that is torch's own thread pool, whose threads spin for a while after
+each op and would slow a second pool's threads down by half. Built without
+OpenMP (a compiler that lacks it), they run on one thread.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -26,110 +32,193 @@ import torch
 
 from ..export.files import cache_dir
 
-SOURCE = Path(__file__).with_name("select_pass.c")
+SOURCE = Path(__file__).with_name("update_passes.c")
 FLAGS = ("-O3", "-shared", "-fPIC")         # IEEE comparisons kept: no -ffast-math
-MAGNITUDE, LARGEST, UPPER_INF, LOWER_NINF, HAS_TIE, LOWER_IS_TIE = 1, 2, 4, 8, 16, 32
+OPENMP = ("-fopenmp",)                      # tried first
+MAGNITUDE, LARGEST, UPPER_INF, LOWER_NINF, HAS_TIE, LOWER_IS_TIE, COMPLEMENT, KEEP_REST, REMOVE = 1, 2, 4, 8, 16, 32, 64, 128, 256
 
 
 @functools.cache
-def kernel():
-    """The compiled ``granet_select_pass``, or None (disabled, or no compiler that builds it)."""
+def kernel() -> ctypes.CDLL | None:
+    """The compiled library (the ``granet_*`` functions of ``update_passes.c``), built with OpenMP where the
+    compiler has it, or None (disabled, or no compiler that builds it)."""
     if os.environ.get("GRANET_FX_NATIVE", "1") == "0":
         return None
-    source = SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "cc")
-    tag = hashlib.sha256(source + repr((compiler, FLAGS, platform.machine())).encode()).hexdigest()[:16]
-    library = cache_dir() / f"select_pass-{tag}.so"
-    try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".select_pass.", suffix=".so")
-            os.close(fd)
-            try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(tmp, library)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        fn = ctypes.CDLL(str(library)).granet_select_pass
-    except (OSError, subprocess.SubprocessError):
+    lib = None
+    for flags in (FLAGS + OPENMP, FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_built(flags)))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    if lib is None:
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int32,
-                   p, p, i64, p, p, p, i64, p]
-    fn.restype = i64
-    return fn
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    lib.granet_select_jobs.argtypes = [p, i32, f32, f32, f32, i32, i64, i32]
+    lib.granet_select_jobs.restype = None
+    lib.granet_zero_where_not.argtypes = [p, p, p, i64, p, p, i32, i64, i32]
+    lib.granet_zero_where_not.restype = None
+    lib.granet_slice_tops.argtypes = [p, p, i64, i64, i32, p, i32]
+    lib.granet_slice_tops.restype = None
+    lib.granet_last_equal.argtypes = [p, p, i64, f32, i32]
+    lib.granet_last_equal.restype = i64
+    lib.granet_openmp.restype = i32
+    return lib
 
 
-@functools.cache
-def _workers(n: int, pid: int) -> ThreadPoolExecutor:
-    """The pass's threads, per process: a forked child does not inherit its parent's threads."""
-    return ThreadPoolExecutor(n, thread_name_prefix="granet_fx_select")
+def _built(flags: tuple[str, ...]) -> Path:
+    """The library built from ``SOURCE`` with ``flags``, from the cache or compiled into it now."""
+    compiler = os.environ.get("CC", "cc")
+    tag = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, flags, platform.machine())).encode()).hexdigest()[:16]
+    library = cache_dir() / f"update_passes-{tag}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".update_passes.", suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, library)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return library
 
 
-def eligible(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor]) -> bool:
+class _Job(ctypes.Structure):
+    """One range of a tensor for the selection pass (``select_job`` in the C source)."""
+
+    _fields_ = [("score", ctypes.c_void_p), ("pool", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("base", ctypes.c_int64), ("marked", ctypes.c_void_p), ("ties", ctypes.c_void_p),
+                ("tie_counts", ctypes.c_void_p), ("out_index", ctypes.c_void_p), ("out_key", ctypes.c_void_p),
+                ("capacity", ctypes.c_int64), ("totals", ctypes.c_int64 * 2), ("done", ctypes.c_int64)]
+
+
+def _threads() -> int:
+    """The passes' threads: torch's."""
+    return max(1, torch.get_num_threads())
+
+
+def eligible(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor],
+             out: Sequence[torch.Tensor] | None = None) -> bool:
     """Whether the compiled pass can take these tensors (and is there)."""
-    return all(s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous()
-               and p.device.type == "cpu" and p.dtype == torch.bool and p.is_contiguous()
-               and s.numel() == p.numel() for s, p in zip(scores, pools)) and kernel() is not None
+    flags = [p for p in pools] + (list(out) if out is not None else [])
+    return (all(s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous() and s.numel() == p.numel()
+                for s, p in zip(scores, pools))
+            and all(f.device.type == "cpu" and f.dtype == torch.bool and f.is_contiguous() for f in flags)
+            and (out is None or all(o.numel() == p.numel() for o, p in zip(out, pools)))
+            and kernel() is not None)
 
 
 def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], lower: float, upper: float,
-                tie: float | None, largest: bool, magnitude: bool, chunk: int):
+                tie: float | None, largest: bool, magnitude: bool, chunk: int, complement: bool = False,
+                keep_rest: bool = False, out: Sequence[torch.Tensor] | None = None, remove: bool = False):
     """``criteria._pass`` compiled: per tensor (marked, n_marked, index, key, ties or None, tie_counts).
+    ``out``: flat bool tensors to write ``marked`` in.
 
-    Each tensor is cut into ranges of whole ``chunk`` slices, run on
-    ``torch.get_num_threads()`` threads (ctypes lets go of the GIL); a range
-    whose gathered entries outgrow their buffers goes on in a larger one.
+    Each tensor is cut into ranges of whole ``chunk`` slices, one a thread,
+    run in one call (ctypes lets go of the GIL); a range whose gathered
+    entries outgrow their buffers goes on in a larger one, in the next call.
     """
-    fn = kernel()
     flags = ((MAGNITUDE if magnitude else 0) | (LARGEST if largest else 0)
              | (UPPER_INF if upper == math.inf else 0) | (LOWER_NINF if lower == -math.inf else 0)
-             | (HAS_TIE if tie is not None else 0) | (LOWER_IS_TIE if tie is not None and lower == upper else 0))
+             | (HAS_TIE if tie is not None else 0) | (LOWER_IS_TIE if tie is not None and lower == upper else 0)
+             | (COMPLEMENT if complement else 0) | (KEEP_REST if keep_rest else 0) | (REMOVE if remove else 0))
     clip = lambda x: 0.0 if math.isinf(x) else x      # an infinite end is a flag, not a value
     lower_f, upper_f, tie_f = clip(lower), clip(upper), 0.0 if tie is None else tie
-    threads = max(1, torch.get_num_threads())
-    outs, jobs = [], []
-    for s, p in zip(scores, pools):
+    threads = _threads()
+    outs, ranges = [], []    # per tensor: [marked, ties, tie_counts, (start, index, key) pieces, n_marked]; (tensor, start, stop)
+    for u, (s, p) in enumerate(zip(scores, pools)):
         n = s.numel()
         slices = -(-n // chunk)
-        marked = torch.empty(n, dtype=torch.bool)
+        marked = out[u] if out is not None else torch.empty(n, dtype=torch.bool)
         ties = torch.empty(n, dtype=torch.bool) if tie is not None else None
-        tie_counts = torch.zeros(slices, dtype=torch.int64)
-        outs.append((marked, ties, tie_counts))
+        outs.append([marked, ties, torch.zeros(slices, dtype=torch.int64), [], 0])
         per = max(1, -(-slices // threads))
-        for first in range(0, slices, per):
-            start, stop = first * chunk, min(n, (first + per) * chunk)
-            jobs.append((len(outs) - 1, s, p, start, stop))
-
-    def run(job):
-        u, s, p, start, stop = job
-        marked, ties, tie_counts = outs[u]
-        pieces, n_marked, at = [], 0, start
-        capacity = (stop - start) // 20 + 4096
-        while at < stop:
-            index = torch.empty(capacity, dtype=torch.int64)
-            key = torch.empty(capacity, dtype=torch.float32)
-            totals = torch.zeros(2, dtype=torch.int64)
-            done = fn(s.data_ptr() + 4 * at, p.data_ptr() + at, stop - at, at, lower_f, upper_f, tie_f, flags,
-                      marked.data_ptr() + at, ties.data_ptr() + at if ties is not None else None, chunk,
-                      tie_counts.data_ptr(), index.data_ptr(), key.data_ptr(), capacity, totals.data_ptr())
-            gathered = int(totals[1])
-            pieces.append((index[:gathered], key[:gathered]))
-            n_marked += int(totals[0])
-            at += done
-            capacity *= 2
-        return u, n_marked, pieces
-
-    results = list(_workers(threads, os.getpid()).map(run, jobs)) if len(jobs) > 1 else [run(j) for j in jobs]
+        ranges += [(u, first * chunk, min(n, (first + per) * chunk)) for first in range(0, slices, per)]
+    capacity = {r: (r[2] - r[1]) // 20 + 4096 for r in ranges}
+    at = {r: r[1] for r in ranges}
+    while ranges:
+        jobs = (_Job * len(ranges))()
+        buffers = []
+        for job, r in zip(jobs, ranges):
+            u, start, stop = r
+            s, p = scores[u], pools[u]
+            marked, ties, tie_counts = outs[u][:3]
+            index = torch.empty(capacity[r], dtype=torch.int64)
+            key = torch.empty(capacity[r], dtype=torch.float32)
+            a = at[r]
+            buffers.append((index, key, a))
+            job.score, job.pool, job.n, job.base = s.data_ptr() + 4 * a, p.data_ptr() + a, stop - a, a
+            job.marked = marked.data_ptr() + a
+            job.ties = ties.data_ptr() + a if ties is not None else None
+            job.tie_counts, job.out_index, job.out_key = tie_counts.data_ptr(), index.data_ptr(), key.data_ptr()
+            job.capacity = capacity[r]
+        kernel().granet_select_jobs(jobs, len(jobs), lower_f, upper_f, tie_f, flags, chunk, threads)
+        left = []
+        for job, r, (index, key, a) in zip(jobs, ranges, buffers):
+            kept = outs[r[0]]
+            gathered = job.totals[1]
+            kept[3].append((a, index[:gathered], key[:gathered]))
+            kept[4] += job.totals[0]
+            at[r] += job.done
+            if at[r] < r[2]:
+                capacity[r] *= 2
+                left.append(r)
+        ranges = left
     found = []
-    for u, (marked, ties, tie_counts) in enumerate(outs):
-        mine = [r for r in results if r[0] == u]
-        index = [i for r in mine for i, _ in r[2]]
-        key = [k for r in mine for _, k in r[2]]
-        found.append((marked, sum(r[1] for r in mine),
-                      torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
-                      torch.cat(key) if key else torch.zeros(0),
-                      ties, tie_counts.tolist() if tie is not None else []))
+    for marked, ties, tie_counts, pieces, n_marked in outs:
+        pieces.sort(key=lambda piece: piece[0])       # in flat order: a range that went on comes later
+        found.append((marked, n_marked, _joined([i for _, i, _ in pieces], torch.long),
+                      _joined([k for _, _, k in pieces], torch.float32), ties,
+                      tie_counts.tolist() if tie is not None else []))
     return found
+
+
+def _joined(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The pieces one after the other (the one piece itself, without a copy)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
+
+
+def slice_tops(score: torch.Tensor, pool: torch.Tensor, chunk: int, magnitude: bool) -> list[float]:
+    """The largest key among the pool entries of each slice of ``chunk`` entries (NaN where one is NaN,
+    -inf where there are none): ``torch.where(pool, key, -inf).amax()`` slice by slice, in one call."""
+    tops = torch.empty(-(-score.numel() // chunk), dtype=torch.float32)
+    kernel().granet_slice_tops(score.data_ptr(), pool.data_ptr(), score.numel(), chunk,
+                               MAGNITUDE if magnitude else 0, tops.data_ptr(), _threads())
+    return tops.tolist()
+
+
+def last_equal(score: torch.Tensor, pool: torch.Tensor, top: float, magnitude: bool) -> int:
+    """The flat index of the last pool entry whose key is ``top`` (-1: none)."""
+    return kernel().granet_last_equal(score.data_ptr(), pool.data_ptr(), score.numel(), top,
+                                      MAGNITUDE if magnitude else 0)
+
+
+ZERO_SIZES = (2, 4, 8)      # bytes of a value that the zeroing pass takes
+SPAN = 1 << 20              # entries of a job of the zeroing pass: a few jobs a thread on a large mask
+
+
+def can_zero(tensors: Sequence[torch.Tensor], keep: torch.Tensor, also: torch.Tensor | None = None,
+             dest: torch.Tensor | None = None) -> bool:
+    """Whether the compiled zeroing pass can take these (and is there): CPU, contiguous, shaped like a bool mask."""
+    masks = [keep] + [m for m in (also, dest) if m is not None]
+    return (all(m.device.type == "cpu" and m.dtype == torch.bool and m.is_contiguous() and m.numel() == keep.numel()
+                for m in masks)
+            and all(t.device.type == "cpu" and t.is_contiguous() and t.numel() == keep.numel()
+                    and t.element_size() in ZERO_SIZES for t in tensors)
+            and kernel() is not None)
+
+
+def zero_where_not(tensors: Sequence[torch.Tensor], keep: torch.Tensor, also: torch.Tensor | None = None,
+                   dest: torch.Tensor | None = None) -> None:
+    """Set each of ``tensors`` to +0.0 where ``keep`` (and ``also``, when given) is False, in place; a kept
+    value keeps its bits. ``dest``: then write ``also`` (or ``keep``) there, ``keep`` itself too. One read
+    of the masks for all tensors, in spans on the passes' threads."""
+    count = len(tensors)
+    pointers = (ctypes.c_void_p * max(1, count))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int32 * max(1, count))(*[t.element_size() for t in tensors])
+    kernel().granet_zero_where_not(keep.data_ptr(), also.data_ptr() if also is not None else None,
+                                   dest.data_ptr() if dest is not None else None, keep.numel(),
+                                   pointers, sizes, count, SPAN, _threads())
