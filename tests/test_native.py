@@ -114,3 +114,25 @@ def test_slice_tops_are_torchs_amax_of_the_pool(magnitude, with_nan):
         got = native.slice_tops(s, p, 1000, magnitude)
         assert len(got) == len(want)
         assert all(g == w or (math.isnan(g) and math.isnan(w)) for g, w in zip(got, want))
+
+
+def test_the_portable_loops_equal_the_eager_passes(monkeypatch, tmp_path):
+    # Processors without AVX2 run the portable loops (here only the tails of blocks do): built without the
+    # AVX2 path, the passes give what the eager ones give.
+    monkeypatch.setenv("GRANET_FX_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ("-DGRANET_FX_PORTABLE",))
+    native.kernel.cache_clear()
+    try:
+        assert native.kernel() is not None and native.kernel().granet_avx2() == 0
+        scores, pools = tensors(23)
+        for lower, upper, tie in [(-math.inf, math.inf, None), (-0.3, 0.4, 0.1), (0.0, 0.0, 0.0)]:
+            for complement, keep_rest, remove in [(False, False, False), (True, True, False), (False, False, True)]:
+                assert_same(*both(monkeypatch, scores, pools, lower, upper, tie, True, True, complement, keep_rest,
+                                  None, remove))
+        for s, p in zip(scores, pools):
+            want = [torch.where(p[a:a + 1000], s[a:a + 1000].abs(), -math.inf).amax().item()
+                    for a in range(0, s.numel(), 1000)]
+            got = native.slice_tops(s, p, 1000, True)
+            assert all(g == w or (math.isnan(g) and math.isnan(w)) for g, w in zip(got, want))
+    finally:
+        native.kernel.cache_clear()

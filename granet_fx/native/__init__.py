@@ -63,6 +63,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.granet_last_equal.argtypes = [p, p, i64, f32, i32]
     lib.granet_last_equal.restype = i64
     lib.granet_openmp.restype = i32
+    lib.granet_avx2.restype = i32
     return lib
 
 

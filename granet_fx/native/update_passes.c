@@ -76,7 +76,7 @@ static int64_t ones(const uint8_t *flags, int64_t n)
     return total;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GRANET_FX_PORTABLE)
 #include <immintrin.h>
 #define HAVE_AVX2_BLOCK 1
 
@@ -383,4 +383,14 @@ int64_t granet_last_equal(const float *score, const uint8_t *pool, int64_t n, fl
         if (pool[i] && key_of(score[i], abs_mask, 0) == top)
             return i;
     return -1;
+}
+
+/* Whether the selection pass runs its AVX2 blocks on this processor. */
+int32_t granet_avx2(void)
+{
+#ifdef HAVE_AVX2_BLOCK
+    return avx2;
+#else
+    return 0;
+#endif
 }
