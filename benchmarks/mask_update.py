@@ -28,8 +28,9 @@ Definitions:
 
 - update = the time of ``granet.step()`` at an update step: the re-masking
   that every step does plus pruning and regrowth. Median of the nine updates
-  of the schedule (steps 100..500 prune and regrow, 600..900 only regrow);
-  the schedule jumps from update to update (``load_state_dict`` with the step).
+  of the schedule (steps 100..500 prune and regrow, 600..900 only regrow),
+  each the median of ``--repeats`` timings (3) from the same state; the
+  schedule jumps from update to update (``load_state_dict`` with the step).
 - training step = zero_grad, forward, backward, ``optimizer.step()`` and
   ``granet.step()`` at a non-update step (the step just before each update;
   median of nine).
@@ -198,8 +199,9 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def measure(setup: Setup) -> dict:
-    """Training step, re-masking and update times over the schedule's nine updates, side by side."""
+def measure(setup: Setup, timings: int) -> dict:
+    """Training step, re-masking and update times over the schedule's nine updates, side by side; each
+    update timed ``timings`` times from the same state on each path (the order alternating), the median kept."""
     granet = setup.granet
     setup.at(EVERY // 2)            # a warm-up step at a non-update step
     setup.backward_step()
@@ -217,18 +219,22 @@ def measure(setup: Setup) -> dict:
         remasks.append(end - remask_start)
         setup.backward_step()
         saved, state = snapshot(setup), granet.state_dict()
-        seconds, masks = {}, {}
-        for path in (("eager", "compiled") if len(updates) % 2 else ("compiled", "eager")):   # alternate the order
-            restore(setup, saved)
-            granet.load_state_dict(state)
-            with selection_pass(path):
-                seconds[path] = _timed(lambda: granet.step() or _not_updated(t))
-            masks[path] = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
-        if not all(torch.equal(a, b) for a, b in zip(masks["compiled"], masks["eager"])):
-            raise RuntimeError(f"step {t}: the compiled and the eager passes chose different masks")
+        each, masks = {"compiled": [], "eager": []}, None
+        for r in range(timings):
+            for path in (("eager", "compiled") if (len(updates) + r) % 2 else ("compiled", "eager")):   # alternate
+                restore(setup, saved)
+                granet.load_state_dict(state)
+                with selection_pass(path):
+                    each[path].append(_timed(lambda: granet.step() or _not_updated(t)))
+                new = [b.clone() for n, b in setup.model.named_buffers() if n.endswith("_mask")]
+                if masks is not None and not all(torch.equal(a, b) for a, b in zip(masks, new)):
+                    raise RuntimeError(f"step {t}: the compiled and the eager passes chose different masks")
+                masks = new
+        seconds = {path: statistics.median(v) for path, v in each.items()}
         # Both left the same masks, so the same weights and momentum: the schedule goes on from either.
         updates.append({"step": t, "kind": "prune + regrow" if t <= PRUNE_END else "regrow",
                         "seconds": seconds["compiled"], "eager_seconds": seconds["eager"],
+                        "seconds_each": each["compiled"], "eager_seconds_each": each["eager"],
                         "sparsity_after": granet.report().global_sparsity})
         print(f"  {setup.name} step {t}: {updates[-1]['kind']}, sparsity {updates[-1]['sparsity_after']:.3f}, "
               f"update {seconds['compiled'] * 1e3:.1f} ms (eager passes {seconds['eager'] * 1e3:.1f} ms), "
@@ -261,11 +267,12 @@ def _not_updated(t: int) -> None:
 def run_benchmark(args: argparse.Namespace) -> tuple[str, dict]:
     mib = args.bandwidth_mib or (64 if args.quick else 512)
     bandwidths = [bandwidth(mib)]
+    timings = args.repeats or (1 if args.quick else 3)
     rows = []
     for name in args.models:
         setup = build(name, args.quick)
         print(f"{setup.label}: measuring", flush=True)
-        result = measure(setup)
+        result = measure(setup, timings)
         parts = update_bytes(setup)
         bandwidths.append(bandwidth(mib))
         rows.append({"model": name, "label": setup.label, "batch": setup.batch,
@@ -283,6 +290,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[str, dict]:
         r["within_4x_limit"] = r["update_over_limit"] <= TARGET_LIMIT
         r["below_one_step"] = r["update_over_step"] < 1.0 if r["model"] in STEP_TARGET else None
     data = {"command": command(), "machine": machine(), "threads": torch.get_num_threads(), "quick": args.quick,
+            "timings": timings,
             "bandwidth_copy_mib": mib, "bandwidth_bytes_per_s": bandwidths, "bandwidth_best_bytes_per_s": best,
             "byte_model": BYTE_MODEL, "schedule": SCHEDULE, "optimizer": OPTIMIZER,
             "targets": {"update_over_limit_at_most": TARGET_LIMIT,
@@ -316,7 +324,8 @@ def report(data: dict) -> str:
         "",
         "weights: masked weights; MB: bytes by the byte model; limit: MB / best bandwidth;",
         f"update: granet.step() at an update step, median of {len(UPDATES)} (steps 100-500 prune + regrow,"
-        " 600-900 regrow), its re-masking included, with the compiled passes (granet_fx.native);",
+        " 600-900 regrow), each the median of its timings from the same state"
+        f" ({data['timings']} on each path), its re-masking included, with the compiled passes (granet_fx.native);",
         "eager: the same updates from the same state with the eager passes instead, timed alternately with them"
         " (the same masks, checked at every update);",
         "step: zero_grad + forward + backward + optimizer.step() + granet.step() at the non-update step before"
@@ -599,7 +608,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, a smoke test; writes only with --out")
     parser.add_argument("--profile", action="store_true", help="where an update's time goes; writes only with --out")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="--profile: timed updates of each kind (default 2, 1 with --quick)")
+                        help="timings of each update from the same state, the median kept (default 3, 1 with "
+                             "--quick); --profile: timed updates of each kind (default 2, 1 with --quick)")
     parser.add_argument("--bandwidth-mib", type=int, default=None,
                         help="size of the copied tensor (default 512, 64 with --quick)")
     parser.add_argument("--out", default=None,

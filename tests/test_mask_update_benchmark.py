@@ -40,7 +40,7 @@ def test_quick_benchmark_output(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     text = out.with_suffix(".txt").read_text()
     assert text.startswith("# python ") and "--quick" in text.splitlines()[0]
-    assert data["quick"] is True and "--quick" in data["command"] and data["threads"] == 1
+    assert data["quick"] is True and "--quick" in data["command"] and data["threads"] == 1 and data["timings"] == 1
     best = data["bandwidth_best_bytes_per_s"]
     assert len(data["bandwidth_bytes_per_s"]) == 4 and best == max(data["bandwidth_bytes_per_s"]) > 0
     assert [r["model"] for r in data["models"]] == ["mlp", "resnet18", "gpt2"]
@@ -54,6 +54,8 @@ def test_quick_benchmark_output(tmp_path):
         assert [u["kind"] for u in r["updates"]] == ["prune + regrow"] * 5 + ["regrow"] * 4
         assert r["updates"][-1]["sparsity_after"] == pytest.approx(0.9, abs=0.01)
         assert r["updates"][0]["sparsity_after"] < r["updates"][4]["sparsity_after"]
+        assert all(u["seconds_each"] == [u["seconds"]] and u["eager_seconds_each"] == [u["eager_seconds"]]
+                   for u in r["updates"])
         seconds = sorted(u["seconds"] for u in r["updates"])
         assert r["update_s"] == pytest.approx(seconds[4]) and r["update_s"] > 0
         eager = sorted(u["eager_seconds"] for u in r["updates"])     # the eager pass, beside it
