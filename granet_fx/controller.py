@@ -62,6 +62,7 @@ class GraNet:
         self.step_count = 0
         self._generator = torch.Generator().manual_seed(self.config.seed + 1)
         self._train_macs = 0.0
+        self._work = None             # the mask updates' buffers, made at the first (_work_buffers)
         self._dense_macs = None
         if all(l.macs is not None for l in self.layers):
             self._dense_macs = sum(l.macs for l in self.layers)
@@ -235,7 +236,7 @@ class GraNet:
     def _work_buffers(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """A flat bool buffer for each mask and a spare as long as the longest, made at the first update
         and kept: fresh memory costs a page fault every 4 KiB, more than the selection itself."""
-        if getattr(self, "_work", None) is None:
+        if self._work is None:
             masks = self._masks
             device = masks[0].device if masks else None
             self._work = ([torch.empty(m.numel(), dtype=torch.bool, device=m.device) for m in masks],

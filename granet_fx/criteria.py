@@ -424,9 +424,10 @@ def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int,
     """
     device = pools[0].device
     if k <= 0:
-        none = [torch.zeros(p.numel(), dtype=torch.bool, device=device) for p in pools]
-        if keep_rest or remove:
+        if keep_rest or remove:     # nothing picked: the entries outside the pool, or the pool
             none = [torch.logical_not(p.reshape(-1)) if complement else p.reshape(-1).clone() for p in pools]
+        else:
+            none = [torch.zeros(p.numel(), dtype=torch.bool, device=device) for p in pools]
         return none, [0] * len(pools)
     scores = [s.detach().reshape(-1) for s in scores]
     pools = [p.reshape(-1) for p in pools]
