@@ -411,7 +411,8 @@ ALLOCATE_ONLY = ("empty", "empty_like", "empty_strided", "new_empty")  # touch n
 
 
 class Traffic(TorchDispatchMode):
-    """Counts, per controller phase, the aten ops, the bytes they move and the passes over each layer.
+    """Counts, per controller phase, the aten ops (and, inside ``native_calls``, the compiled passes), the
+    bytes they move and the passes over each layer.
 
     Bytes of an op: its tensor inputs and outputs, whole (a view moves nothing; a gather or scatter
     with integer indices moves what it gathers; copy_ and fills do not read their destination, an
@@ -429,6 +430,40 @@ class Traffic(TorchDispatchMode):
         self.bytes: dict[str, int] = {}
         self.passes: dict[str, dict[int, int]] = {}
         self.op_passes: dict[str, int] = {}
+
+    def count(self, name: str, moved: int, whole: list[torch.Tensor]) -> None:
+        """Note an op of the current phase that moved ``moved`` bytes and went over the tensors ``whole``."""
+        phase = self.timers.phase[-1]
+        self.ops[phase] = self.ops.get(phase, 0) + 1
+        self.bytes[phase] = self.bytes.get(phase, 0) + moved
+        layer_sized = {t.numel() for t in whole if t.numel() in self.sizes}
+        for n in layer_sized:
+            per = self.passes.setdefault(phase, {})
+            per[n] = per.get(n, 0) + 1
+        if self.largest in layer_sized:
+            self.op_passes[name] = self.op_passes.get(name, 0) + 1
+
+    @contextlib.contextmanager
+    def native_calls(self):
+        """Count the compiled passes too (not aten ops): each reads and writes its tensors once, whole (the
+        few entries a selection gathers inside its bracket are left out)."""
+        def counted(name, fn, tensors):
+            def call(*args, **kwargs):
+                touched = tensors(*args, **kwargs)
+                self.count(f"native.{name}", sum(_nbytes(t) for t in touched), touched)
+                return fn(*args, **kwargs)
+            return call
+        saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops")}
+        native.select = counted("select", saved["select"], lambda scores, pools, *a, **k: [
+            *scores, *pools, *(a[7] if len(a) > 7 else k["out"])])
+        native.zero_where_not = counted("zero_where_not", saved["zero_where_not"], lambda tensors, keep, also=None,
+                                        dest=None: [*tensors, *tensors, keep] + [m for m in (also, dest) if m is not None])
+        native.slice_tops = counted("slice_tops", saved["slice_tops"], lambda score, pool, *a: [score, pool])
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(native, name, fn)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -449,15 +484,7 @@ class Traffic(TorchDispatchMode):
                 outs = []
             moved = sum(_nbytes(t) for t in ins + outs)
             whole = ins + outs
-        phase = self.timers.phase[-1]
-        self.ops[phase] = self.ops.get(phase, 0) + 1
-        self.bytes[phase] = self.bytes.get(phase, 0) + moved
-        layer_sized = {t.numel() for t in whole if t.numel() in self.sizes}
-        for n in layer_sized:
-            per = self.passes.setdefault(phase, {})
-            per[n] = per.get(n, 0) + 1
-        if self.largest in layer_sized:
-            self.op_passes[name] = self.op_passes.get(name, 0) + 1
+        self.count(name, moved, whole)
         return out
 
 
@@ -519,7 +546,7 @@ def profile(setup: Setup, repeats: int) -> dict:
             setup.at(t - 1)
             setup.backward_step()
             timers.active = True
-            with traffic:
+            with traffic, traffic.native_calls():
                 granet.step()
             timers.active = False
             ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
@@ -574,8 +601,9 @@ def run_profile(args: argparse.Namespace) -> tuple[str, dict]:
         del setup
     lines = [f"# {command()}", f"# {machine()}", f"schedule: {SCHEDULE}", f"optimizer: {OPTIMIZER}",
              "minimum by the byte model: 26 B per masked weight, one pass over each tensor",
-             "bytes moved and passes count aten ops only: the compiled passes (granet_fx.native: selection,"
-             " re-masking) are not aten ops, and their time shows under _pass and _zero", ""]
+             "bytes moved and passes count the aten ops and the compiled calls (granet_fx.native: a whole"
+             " selection, inside _pick on one process, so no _pass or _bracket; the re-masking, under _zero),"
+             " each compiled call as one read or write of its tensors", ""]
     for r in rows:
         for kind, k in r["kinds"].items():
             lines.append(f"{r['label']} ({r['masked_weights']:,} masked weights in {r['layers']} layers), "

@@ -421,6 +421,10 @@ def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int,
     and counted, not gathered: should the ``k``-th be that score, the earliest
     of its entries are kept marked. Should the sample miss, the selection runs
     on all entries.
+
+    On one process, where the compiled pass takes the tensors, the same steps run as one compiled call
+    (``native.select``), with the same result. Keys that are NaN (a diverged model: the controller skips
+    an update on a non-finite gradient) are not ranked exactly on either path.
     """
     device = pools[0].device
     if k <= 0:
@@ -432,6 +436,12 @@ def _pick(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int,
     scores = [s.detach().reshape(-1) for s in scores]
     pools = [p.reshape(-1) for p in pools]
     out = None if out is None else [o.view(-1) for o in out]
+    if comm.world == 1 and native.whole(scores, pools, out):
+        marks = out if out is not None else [torch.empty(p.numel(), dtype=torch.bool, device=device) for p in pools]
+        counts = native.select(scores, pools, k, count, largest, magnitude, complement, keep_rest, remove, marks,
+                               sum(p.numel() for p in pools) > SAMPLE)
+        if counts is not None:
+            return marks, counts
     lower, upper, tie = _bracket(scores, pools, k, count, comm, largest, magnitude, complement)
     passed = _pass(scores, pools, lower, upper, tie, largest, magnitude, complement, keep_rest, out, remove)
     marked, inside, ties = comm.sum([sum(p.n_marked for p in passed), sum(p.n_inside for p in passed),

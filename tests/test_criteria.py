@@ -12,13 +12,16 @@ from granet_fx.criteria import (
 )
 
 
-@pytest.fixture(autouse=True, params=["compiled", "eager"])
+@pytest.fixture(autouse=True, params=["compiled", "passes", "eager"])
 def selection_pass(request, monkeypatch):
-    """Every test here runs with the compiled selection pass and with the eager one."""
+    """Every test here runs with the compiled selection (one call a selection), with the compiled passes
+    and _pick's steps between them in Python (the path of FSDP2), and with the eager passes."""
     if request.param == "eager":
         monkeypatch.setattr(criteria.native, "eligible", lambda *a: False)
     elif criteria.native.kernel() is None:
-        pytest.skip("no C compiler builds granet_fx/native/select_pass.c here")
+        pytest.skip("no C compiler builds granet_fx/native/update_passes.c here")
+    elif request.param == "passes":
+        monkeypatch.setattr(criteria.native, "whole", lambda *a: False)
     return request.param
 
 

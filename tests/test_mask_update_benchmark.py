@@ -80,7 +80,7 @@ def test_quick_profile(tmp_path):
     assert profile["masked_weights"] == WEIGHTS["mlp"] and profile["largest_layer"] == 128 * 128
     both, regrow = profile["kinds"]["prune + regrow"], profile["kinds"]["regrow"]
     assert "prune_global_counted" in both["functions"] and "prune_global_counted" not in regrow["functions"]
-    assert "_pass" in both["functions"] and "_pass" in regrow["functions"]
+    assert "_pick" in both["functions"] and "_pick" in regrow["functions"]
     for k in (both, regrow):
         assert "grow_largest" in k["functions"] and k["aten_ops"]
         assert all(0 <= f["share"] <= 1 + 1e-9 for f in k["functions"].values())

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,63 @@ def test_the_portable_loops_equal_the_eager_passes(monkeypatch, tmp_path):
             assert all(g == w or (math.isnan(g) and math.isnan(w)) for g, w in zip(got, want))
     finally:
         native.kernel.cache_clear()
+
+
+def stable_pick(scores, pools, k, largest, magnitude, complement, keep_rest, remove):
+    """``_pick``'s marks written out with numpy's stable sort over all tensors, one after the other."""
+    keys = np.concatenate([(s.abs() if magnitude else s).numpy() * (-1.0 if largest else 1.0) for s in scores])
+    pool = np.concatenate([(~p if complement else p).numpy() for p in pools])
+    where = np.flatnonzero(pool)
+    marks = np.zeros(len(keys), dtype=bool)
+    marks[where[np.argsort(keys[where], kind="stable")[:k]]] = True
+    if keep_rest:
+        marks |= ~pool
+    if remove:
+        marks = pool & ~marks
+    return marks
+
+
+def selection_cases():
+    """Several tensors at once or one, sizes on and off the slice and sample boundaries, scores with many
+    ties (rounded, exact zeros of both signs), infinities; every mode of the marks."""
+    modes = [(False, False, False), (True, False, False), (True, True, False), (False, False, True),
+             (True, False, True)]
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        sizes = [[70_001], [20_000, 5, 3_000], [1_000, 300_000], [16_000]][seed % 4]
+        scores = []
+        for n in sizes:
+            s = torch.randn(n, generator=g)
+            if seed % 3:
+                s = torch.round(s, decimals=seed % 3) + 0.0
+            s[torch.rand(n, generator=g) < (0.4 if seed % 5 == 0 else 0.02)] = -0.0
+            s[torch.rand(n, generator=g) < 0.005] = math.inf
+            scores.append(s)
+        pools = [torch.rand(n, generator=g) < (0.1, 0.5, 0.9)[seed % 3] for n in sizes]
+        complement, keep_rest, remove = modes[seed % len(modes)]
+        count = sum(int((~p if complement else p).sum()) for p in pools)
+        for share in (0.001, 0.3, 0.97):
+            yield scores, pools, max(1, int(share * count)), count, seed % 2 == 1, seed % 4 < 2, complement, \
+                keep_rest, remove
+
+
+@pytest.mark.parametrize("chunk", [criteria.CHUNK, 1000])     # 1000: many slices, several ranges a tensor
+@pytest.mark.parametrize("missed", [False, True])             # True: the bracket taken as missed
+def test_the_compiled_selection_is_a_stable_sort_and_the_steps(chunk, missed, monkeypatch):
+    # native.select (the whole of _pick in one call) against numpy's stable sort, and against _pick's own
+    # steps (compiled passes, Python between them: the path of FSDP2), marks and counts.
+    monkeypatch.setattr(criteria, "CHUNK", chunk)
+    for scores, pools, k, count, largest, magnitude, complement, keep_rest, remove in selection_cases():
+        out = [torch.rand(p.numel()) < 0.5 for p in pools]      # stale contents
+        sample = sum(p.numel() for p in pools) > criteria.SAMPLE
+        counts = native.select(scores, pools, k, count, largest, magnitude, complement, keep_rest, remove, out,
+                               sample, chunk, missed)
+        assert counts is not None
+        want = stable_pick(scores, pools, k, largest, magnitude, complement, keep_rest, remove)
+        assert (np.concatenate([o.numpy() for o in out]) == want).all()
+        with monkeypatch.context() as m:
+            m.setattr(criteria.native, "whole", lambda *a: False)
+            steps, step_counts = criteria._pick(scores, pools, k, count, largest=largest, magnitude=magnitude,
+                                                complement=complement, keep_rest=keep_rest, remove=remove)
+        assert all(torch.equal(o, s) for o, s in zip(out, steps)) and counts == step_counts
+        assert sum(counts) == k

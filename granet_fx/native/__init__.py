@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("update_passes.c")
 FLAGS = ("-O3", "-shared", "-fPIC")         # IEEE comparisons kept: no -ffast-math
 OPENMP = ("-fopenmp",)                      # tried first
 MAGNITUDE, LARGEST, UPPER_INF, LOWER_NINF, HAS_TIE, LOWER_IS_TIE, COMPLEMENT, KEEP_REST, REMOVE = 1, 2, 4, 8, 16, 32, 64, 128, 256
+MISSED = 512    # granet_select: the bracket taken as missed, so that tests reach the fallback
 
 
 @functools.cache
@@ -62,6 +63,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.granet_slice_tops.restype = None
     lib.granet_last_equal.argtypes = [p, p, i64, f32, i32]
     lib.granet_last_equal.restype = i64
+    lib.granet_select.argtypes = [p, i32, i64, i64, i32, i32, i64, i32]
+    lib.granet_select.restype = i32
     lib.granet_openmp.restype = i32
     lib.granet_avx2.restype = i32
     return lib
@@ -77,7 +80,7 @@ def _built(flags: tuple[str, ...]) -> Path:
         fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".update_passes.", suffix=".so")
         os.close(fd)
         try:
-            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, library)
         finally:
             if os.path.exists(tmp):
@@ -108,6 +111,12 @@ def eligible(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor],
             and all(f.device.type == "cpu" and f.dtype == torch.bool and f.is_contiguous() for f in flags)
             and (out is None or all(o.numel() == p.numel() for o, p in zip(out, pools)))
             and kernel() is not None)
+
+
+def whole(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor],
+          out: Sequence[torch.Tensor] | None = None) -> bool:
+    """Whether a whole selection can run compiled (``select``, on one process): what the pass takes."""
+    return eligible(scores, pools, out)
 
 
 def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], lower: float, upper: float,
@@ -175,6 +184,34 @@ def select_pass(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], l
     return found
 
 
+class _Tensor(ctypes.Structure):
+    """One tensor of a whole selection (``select_tensor`` in the C source)."""
+
+    _fields_ = [("score", ctypes.c_void_p), ("pool", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("picked", ctypes.c_int64)]
+
+
+SLICE = 1 << 15             # entries of a slice of a whole selection: a tensor's ranges are whole slices, so
+                            # that a tensor of a few slices is still cut into one range a thread
+
+
+def select(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int, count: int, largest: bool,
+           magnitude: bool, complement: bool, keep_rest: bool, remove: bool, out: Sequence[torch.Tensor],
+           sample: bool, chunk: int = SLICE, missed: bool = False) -> list[int] | None:
+    """``criteria._pick`` on one process, compiled: the marks written in ``out`` (flat bool tensors, not
+    the pools), and how many each tensor picks; None where ``_pick``'s own steps must run (a k-th key that
+    is NaN). ``sample``: whether a sample brackets the k-th (else every pool entry is gathered);
+    ``missed``: go on as if the bracket had missed (for tests)."""
+    flags = ((MAGNITUDE if magnitude else 0) | (LARGEST if largest else 0) | (COMPLEMENT if complement else 0)
+             | (KEEP_REST if keep_rest else 0) | (REMOVE if remove else 0) | (MISSED if missed else 0))
+    tensors = (_Tensor * max(1, len(scores)))()
+    for t, s, p, o in zip(tensors, scores, pools, out):
+        t.score, t.pool, t.out, t.n = s.data_ptr(), p.data_ptr(), o.data_ptr(), s.numel()
+    if kernel().granet_select(tensors, len(scores), k, count, flags, int(sample), chunk, _threads()):
+        return None
+    return [t.picked for t in tensors[:len(scores)]]
+
+
 def _joined(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The pieces one after the other (the one piece itself, without a copy)."""
     if len(pieces) == 1:
@@ -198,7 +235,7 @@ def last_equal(score: torch.Tensor, pool: torch.Tensor, top: float, magnitude: b
 
 
 ZERO_SIZES = (2, 4, 8)      # bytes of a value that the zeroing pass takes
-SPAN = 1 << 20              # entries of a job of the zeroing pass: a few jobs a thread on a large mask
+SPAN = 1 << 16              # entries of a job of the zeroing pass: a mid-sized mask on every thread too
 
 
 def can_zero(tensors: Sequence[torch.Tensor], keep: torch.Tensor, also: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
-/* The passes over memory of granet_fx's mask updates: the selection pass, the re-masking (zeroing
-   where a mask is False) and the largest key of each slice (a layer's best entry, kept in pruning).
+/* The passes over memory of granet_fx's mask updates: the selection pass, a whole selection on one
+   process around it (granet_select, at the end), the re-masking (zeroing where a mask is False) and the
+   largest key of each slice (a layer's best entry, kept in pruning).
 
    The selection pass (criteria._pass) over a float32 tensor. For each entry i in the pool (pool[i]
    set; with COMPLEMENT, pool[i] clear), of key k = score[i] (|score[i]| with MAGNITUDE; negated with
@@ -13,10 +14,12 @@
    Comparisons are IEEE (a NaN key compares false), as in torch's eager ops. `marked` may be `pool`
    itself: an entry's pool flag is read before its mark is written.
 
-   Block by block. With AVX2, eight entries at a time as bits (a compare and a movemask each): the
-   marks are written from a table of bytes, counted by popcount, and the entries to gather found
-   from the bits. Otherwise a loop without branches (which the compiler vectorises) marks a block and
-   notes the entries to gather, then a scan gathers them a word of eight notes at a time. Before a
+   Block by block. With AVX2, thirty-two entries at a time as bits (a compare and a movemask for each
+   eight keys, one for the pool's bytes, a compare skipped where a flag makes it moot): the marks are
+   written as bytes made from the bits, counted by popcount, and the entries to gather found from the
+   bits; the last few of a block eight at a time, the marks from a table of bytes. Otherwise a loop
+   without branches (which the compiler vectorises) marks a block and notes the entries to gather,
+   then a scan gathers them a word of eight notes at a time. Before a
    block that could overflow the gather buffers (`capacity` entries) the pass stops: it returns how
    many entries it went through (n when done), so that the caller can give it room and go on. */
 
@@ -25,7 +28,7 @@
 #include <string.h>
 
 enum { MAGNITUDE = 1, LARGEST = 2, UPPER_INF = 4, LOWER_NINF = 8, HAS_TIE = 16, LOWER_IS_TIE = 32, COMPLEMENT = 64,
-       KEEP_REST = 128, REMOVE = 256 };
+       KEEP_REST = 128, REMOVE = 256, MISSED = 512 /* granet_select: take the bracket as missed (tests) */ };
 enum { BLOCK = 4096 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -95,6 +98,21 @@ __attribute__((constructor)) static void set_up(void)
     }
 }
 
+/* The entries of the bits of `note` (bit q: entry q after score) into the gather buffers; returns how
+   many the buffers then hold. */
+static inline int64_t gather_noted(uint32_t note, const float *score, int64_t base, uint32_t abs_mask,
+                                   uint32_t sign, int64_t *out_index, float *out_key, int64_t gathered)
+{
+    while (note) {
+        const int q = __builtin_ctz(note);
+        out_index[gathered] = base + q;
+        out_key[gathered] = key_of(score[q], abs_mask, sign);
+        gathered++;
+        note &= note - 1;
+    }
+    return gathered;
+}
+
 /* A block eight entries at a time, the marks of each eight as bits (one compare and movemask each):
    writes marked and ties, counts them, and gathers the noted entries straight from the bits.
    n is a multiple of 8; returns the entries gathered. */
@@ -112,8 +130,40 @@ static int64_t block_avx2(const float *score, const uint8_t *pool, int64_t n, in
     const unsigned all_upper = upper_inf ? 0xffu : 0u, all_lower = lower_ninf ? 0xffu : 0u;
     const unsigned tie_on = has_tie ? 0xffu : 0u, gather_on = gather ? 0xffu : 0u;
     const unsigned flip = complement ? 0u : 0xffu, rest_on = keep_rest ? 0xffu : 0u, removing = remove ? 0xffu : 0u;
-    int64_t nm = 0, nt = 0, gathered = 0;
-    for (int64_t i = 0; i < n; i += 8) {
+    int64_t nm = 0, nt = 0, gathered = 0, i = 0;
+    /* Thirty-two at a time: one compare of the pool's bytes, the marks written as bytes from the bits
+       (each byte picks its bit), each compare skipped where a flag makes it moot. */
+    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi8(1);
+    const __m256i bit_of_byte = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i byte_of_bits = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                  2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const uint32_t flip32 = complement ? 0u : 0xffffffffu, rest32 = keep_rest ? 0xffffffffu : 0u;
+#define KEYS(q) _mm256_xor_ps(_mm256_and_ps(_mm256_loadu_ps(score + i + 8 * (q)), vabs), vsign)
+#define BITS(c, v) ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(k0, v, c))                 \
+                    | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(k1, v, c)) << 8          \
+                    | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(k2, v, c)) << 16         \
+                    | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(k3, v, c)) << 24)
+#define BYTES(bits) _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(                  \
+                        _mm256_set1_epi32((int)(bits)), byte_of_bits), bit_of_byte), bit_of_byte), one)
+    for (; i + 32 <= n; i += 32) {
+        const __m256 k0 = KEYS(0), k1 = KEYS(1), k2 = KEYS(2), k3 = KEYS(3);
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(pool + i));
+        const uint32_t p = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, zero)) ^ flip32;
+        const uint32_t m = upper_inf ? p : p & BITS(_CMP_LE_OQ, vupper);
+        const uint32_t t = has_tie ? p & BITS(_CMP_EQ_OQ, vtie) : 0u;
+        const uint32_t note = gather ? (lower_ninf ? m : m & BITS(_CMP_GE_OQ, vlower)) ^ t : 0u;
+        const uint32_t written = remove ? p & ~m : m | (~p & rest32);
+        _mm256_storeu_si256((__m256i *)(marked + i), BYTES(written));
+        if (has_tie)
+            _mm256_storeu_si256((__m256i *)(ties + i), BYTES(t));
+        nm += _mm_popcnt_u32(m);
+        nt += _mm_popcnt_u32(t);
+        gathered = gather_noted(note, score + i, base + i, abs_mask, sign, out_index, out_key, gathered);
+    }
+#undef KEYS
+#undef BITS
+#undef BYTES
+    for (; i < n; i += 8) {
         const __m256 k = _mm256_xor_ps(_mm256_and_ps(_mm256_loadu_ps(score + i), vabs), vsign);
         uint64_t p8;
         memcpy(&p8, pool + i, 8);
@@ -121,20 +171,14 @@ static int64_t block_avx2(const float *score, const uint8_t *pool, int64_t n, in
         const unsigned p = ((unsigned)_mm_movemask_epi8(zero_bytes) ^ flip) & 0xffu;
         const unsigned m = p & ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(k, vupper, _CMP_LE_OQ)) | all_upper);
         const unsigned t = p & (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(k, vtie, _CMP_EQ_OQ)) & tie_on;
-        unsigned note = ((m & ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(k, vlower, _CMP_GE_OQ)) | all_lower))
+        const unsigned note = ((m & ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(k, vlower, _CMP_GE_OQ)) | all_lower))
                          ^ t) & gather_on;
         const unsigned written = ((p & ~m) & removing) | ((m | (~p & rest_on)) & ~removing);
         memcpy(marked + i, &spread[written & 0xffu], 8);
         memcpy(ties + i, &spread[t], 8);
         nm += _mm_popcnt_u32(m);
         nt += _mm_popcnt_u32(t);
-        while (note) {
-            const int q = __builtin_ctz(note);
-            out_index[gathered] = base + i + q;
-            out_key[gathered] = key_of(score[i + q], abs_mask, sign);
-            gathered++;
-            note &= note - 1;
-        }
+        gathered = gather_noted(note, score + i, base + i, abs_mask, sign, out_index, out_key, gathered);
     }
     *n_marked += nm;
     *n_tied += nt;
@@ -376,13 +420,25 @@ void granet_slice_tops(const float *score, const uint8_t *pool, int64_t n, int64
 
 /* The last pool entry whose key equals `top` (-1: none), from the end: the position of a slice's
    largest pool key, the last one among equals. */
+WIDEST_VECTORS static int64_t last_equal(const float *restrict score, const uint8_t *restrict pool, int64_t n,
+                                         float top, uint32_t abs_mask)
+{
+    int64_t i = n;
+    for (; i >= 64; i -= 64) {          /* a block without a match is passed over without a branch an entry */
+        uint8_t any = 0;
+        for (int64_t j = i - 64; j < i; j++)
+            any |= (pool[j] != 0) & (key_of(score[j], abs_mask, 0) == top);
+        if (any) break;
+    }
+    for (int64_t j = i - 1; j >= 0; j--)
+        if (pool[j] && key_of(score[j], abs_mask, 0) == top)
+            return j;
+    return -1;
+}
+
 int64_t granet_last_equal(const float *score, const uint8_t *pool, int64_t n, float top, int32_t flags)
 {
-    const uint32_t abs_mask = (flags & MAGNITUDE) ? 0x7fffffffu : 0xffffffffu;
-    for (int64_t i = n - 1; i >= 0; i--)
-        if (pool[i] && key_of(score[i], abs_mask, 0) == top)
-            return i;
-    return -1;
+    return last_equal(score, pool, n, top, (flags & MAGNITUDE) ? 0x7fffffffu : 0xffffffffu);
 }
 
 /* Whether the selection pass runs its AVX2 blocks on this processor. */
@@ -393,4 +449,516 @@ int32_t granet_avx2(void)
 #else
     return 0;
 #endif
+}
+
+
+/* A whole selection on one process (criteria._pick with world 1) ------------------------------------
+
+   The k smallest keys (LARGEST: the largest; MAGNITUDE: of |score|) among the pool entries of all
+   tensors together, the earliest (tensor by tensor, then flat index) first among equals, written into
+   each tensor's `out` as _pick writes its marks (KEEP_REST, REMOVE, COMPLEMENT as in the pass), with
+   how many each picks. The same steps as _pick, without a trip through Python between them: with
+   `bracketed`, a seeded stratified sample (sized by sample_positions) brackets the k-th key
+   (else every pool entry is gathered); the pass marks and gathers on the threads, in ranges of whole
+   `chunk` slices; a radix select finds the k-th among those gathered; the marks of the gathered
+   entries past it are undone. Returns 0, or 1 where _pick should run instead (a k-th key that is NaN,
+   no memory): the outputs are then to be written again. */
+
+#include <pthread.h>
+#include <stdlib.h>
+
+typedef struct {
+    const float *score;
+    const uint8_t *pool;
+    uint8_t *out;
+    int64_t n;
+    int64_t picked;             /* set: the entries picked */
+} select_tensor;
+
+typedef struct {                /* one range's gathered entries, in up to two buffers (the second: an overflow) */
+    int64_t tensor, count[2];
+    int64_t *index[2];
+    float *key[2];
+} gathered_part;
+
+static pthread_mutex_t arena_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *arena;             /* kept between calls: fresh memory costs a page fault every 4 KiB */
+static size_t arena_bytes;
+
+static void *arena_of(size_t bytes)
+{
+    if (bytes > arena_bytes) {
+        free(arena);
+        arena = malloc(bytes);
+        arena_bytes = arena ? bytes : 0;
+    }
+    return arena;
+}
+
+static uint8_t *ties_kept;      /* the tie flags, kept likewise */
+static size_t ties_bytes;
+
+static uint8_t *tie_room(int64_t n)
+{
+    if ((size_t)n > ties_bytes) {
+        free(ties_kept);
+        ties_kept = malloc((size_t)n + 8);       /* + 8: after_flag reads whole words */
+        ties_bytes = ties_kept ? (size_t)n : 0;
+    }
+    return ties_kept;
+}
+
+/* The position just after the r-th set flag (r >= 1, and there are that many), eight flags a step. */
+static int64_t after_flag(const uint8_t *flags, int64_t r)
+{
+    int64_t i = 0, seen = 0;
+    for (;; i += 8) {
+        uint64_t word;
+        memcpy(&word, flags + i, 8);
+        const int64_t here = (int64_t)((word * 0x0101010101010101ull) >> 56);
+        if (seen + here >= r) break;
+        seen += here;
+    }
+    for (;; i++)
+        if (flags[i] && ++seen == r)
+            return i + 1;
+}
+
+/* out[i] = value where flags[i] is set, without a branch (so that it vectorises). */
+WIDEST_VECTORS static void set_where(uint8_t *restrict out, const uint8_t *restrict flags, int64_t n, uint8_t value)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t f = flags[i];
+        out[i] = (uint8_t)((out[i] & (uint8_t)(f - 1)) | (value & f));
+    }
+}
+
+static uint64_t splitmix(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* A key as an unsigned integer in the order of torch.kthvalue: numbers ascending (-0.0 just before
+   0.0, which compare equal), every NaN last. */
+static inline uint32_t order_of(float k)
+{
+    uint32_t b;
+    memcpy(&b, &k, 4);
+    if (k != k) return 0xffffffffu;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+static inline float float_of(uint32_t u)
+{
+    uint32_t b = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* The r-th smallest (from 0) of a[0..n), overwriting a: a radix select. Each round bins the keys by
+   eleven bits, the highest in which the smallest and the largest differ, keeps the bin that holds the
+   r-th (moved to the front) and goes on inside it; a few keys are sorted. Three plain passes a round,
+   without a branch on the keys. */
+static uint32_t rank_of(uint32_t *a, int64_t n, int64_t r)
+{
+    enum { BITS = 11, BINS = 1 << BITS };
+    static int64_t count[BINS];    /* under arena_lock */
+    while (n > 32) {
+        uint32_t lo = a[0], hi = a[0];
+        for (int64_t i = 1; i < n; i++) {
+            lo = a[i] < lo ? a[i] : lo;
+            hi = a[i] > hi ? a[i] : hi;
+        }
+        if (lo == hi) return lo;
+        const int top = 31 - __builtin_clz(lo ^ hi);
+        const int shift = top >= BITS - 1 ? top - (BITS - 1) : 0;
+        const uint32_t base = lo >> shift;
+        memset(count, 0, sizeof count);
+        for (int64_t i = 0; i < n; i++) count[(a[i] >> shift) - base]++;
+        int64_t bin = 0, before = 0;
+        while (before + count[bin] <= r) before += count[bin++];
+        int64_t w = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t v = a[i];
+            a[w] = v;
+            w += ((v >> shift) - base) == (uint32_t)bin;
+        }
+        n = w;
+        r -= before;
+    }
+    for (int64_t i = 1; i < n; i++) {             /* insertion sort of what is left */
+        const uint32_t v = a[i];
+        int64_t j = i - 1;
+        for (; j >= 0 && a[j] > v; j--) a[j + 1] = a[j];
+        a[j + 1] = v;
+    }
+    return a[r];
+}
+
+static int by_value(const void *a, const void *b)
+{
+    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* _bracket: two keys around the k-th from the sampled keys (criteria._enclose's ranks), and the key
+   the sample shows most often between them (has_tie 0: none twice). `scratch`: room for n keys. */
+static void bracket(uint32_t *sample, int64_t n, double q, uint32_t *scratch, float *lower, float *upper,
+                    int32_t *ends, float *tie, int32_t *has_tie)
+{
+    const double rank = q * (double)n, margin = 5.0 * sqrt((double)n * q * (1.0 - q)) + 3.0;
+    const int64_t low = (int64_t)floor(rank - margin), high = (int64_t)ceil(rank + margin);
+    *ends = 0;
+    *lower = *upper = 0.0f;
+    if (low >= 0) {
+        memcpy(scratch, sample, sizeof(uint32_t) * (size_t)n);      /* rank_of overwrites what it reads */
+        *lower = float_of(rank_of(scratch, n, low));
+    } else {
+        *ends |= LOWER_NINF;
+    }
+    if (high < n) {
+        memcpy(scratch, sample, sizeof(uint32_t) * (size_t)n);
+        *upper = float_of(rank_of(scratch, n, high));
+    } else {
+        *ends |= UPPER_INF;
+    }
+    int64_t w = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = float_of(sample[i]);
+        if (((*ends & LOWER_NINF) || v >= *lower) && ((*ends & UPPER_INF) || v <= *upper) && v == v)
+            sample[w++] = sample[i];
+    }
+    qsort(sample, (size_t)w, sizeof(uint32_t), by_value);
+    int64_t best = 1;
+    *has_tie = 0;
+    for (int64_t i = 0; i < w;) {
+        int64_t j = i + 1;
+        while (j < w && sample[j] == sample[i]) j++;
+        if (j - i > best) { best = j - i; *tie = float_of(sample[i]); *has_tie = 1; }
+        i = j;
+    }
+}
+
+/* One pass over every tensor (granet_select_pass on the threads, a range a job), the gathered entries
+   in `parts` (the arena's buffers of `capacity` entries a range, then overflows), marks per tensor in
+   `marked`. Returns 1 if out of memory. */
+static int pass_all(select_tensor *t, int32_t count, float lower, float upper, float tie, int32_t flags,
+                    int64_t chunk, int32_t threads, select_job *jobs, gathered_part *parts, int32_t n_jobs,
+                    uint8_t **ties, int64_t **tie_counts, int64_t *marked)
+{
+    (void)threads;
+    for (int32_t j = 0; j < n_jobs; j++) {
+        jobs[j].totals[0] = jobs[j].totals[1] = 0;
+        parts[j].count[0] = parts[j].count[1] = 0;
+        jobs[j].ties = (flags & HAS_TIE) ? ties[parts[j].tensor] + (jobs[j].base) : NULL;
+        jobs[j].tie_counts = tie_counts[parts[j].tensor];
+        jobs[j].out_index = parts[j].index[0];
+        jobs[j].out_key = parts[j].key[0];
+    }
+    for (int32_t u = 0; u < count; u++) {
+        memset(tie_counts[u], 0, sizeof(int64_t) * (size_t)((t[u].n + chunk - 1) / chunk));
+        marked[u] = 0;
+    }
+    for (int round = 0; round < 2; round++) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int32_t j = 0; j < n_jobs; j++) {
+            select_job *b = &jobs[j];
+            if (b->n == 0) { b->done = 0; continue; }
+            b->done = granet_select_pass(b->score, b->pool, b->n, b->base, lower, upper, tie, flags, b->marked,
+                                         b->ties, chunk, b->tie_counts, b->out_index, b->out_key, b->capacity,
+                                         b->totals);
+        }
+        int left = 0;
+        for (int32_t j = 0; j < n_jobs; j++) {
+            select_job *b = &jobs[j];
+            if (round == 0 || parts[j].index[1])       /* ran this round */
+                parts[j].count[round] = b->totals[1];
+            if (b->done < b->n) {       /* out of room: the rest goes on in a buffer that holds it all */
+                const int64_t rest = b->n - b->done, room = rest + BLOCK;
+                parts[j].index[1] = malloc(sizeof(int64_t) * (size_t)room);
+                parts[j].key[1] = malloc(sizeof(float) * (size_t)room);
+                if (!parts[j].index[1] || !parts[j].key[1]) return 1;
+                b->score += b->done; b->pool += b->done; b->marked += b->done;
+                if (b->ties) b->ties += b->done;
+                b->base += b->done; b->n = rest;
+                b->out_index = parts[j].index[1]; b->out_key = parts[j].key[1];
+                b->capacity = room; b->totals[1] = 0;
+                left = 1;
+            } else {
+                b->n = 0;               /* done: skipped in the next round */
+            }
+        }
+        if (!left) break;
+    }
+    for (int32_t j = 0; j < n_jobs; j++)
+        marked[parts[j].tensor] += jobs[j].totals[0];
+    return 0;
+}
+
+enum { ROOM_NONE, ROOM_BRACKET, ROOM_ALL, LEAST_KEYS = 128, AHEAD = 16 };
+
+/* How many positions the bracket samples. A position costs a random read, about four times what a key
+   left inside the bracket costs (the pass gathers it, the radix select and the fix-ups go over it), and
+   for the k-th at the quantile q of a pool of P of the T entries, m pool keys drawn (m T / P positions)
+   leave about 10 P sqrt(q (1 - q) / m) inside: the sum is least at m = (5 P^2 sqrt(q (1 - q)) / (4 T))^(2/3). */
+static int64_t sample_positions(int64_t k, int64_t pool, int64_t total)
+{
+    if (pool <= 0 || total <= 0) return 0;
+    const double q = k < pool ? (double)k / (double)pool : 1.0, p = (double)pool;
+    double m = pow(5.0 * p * p * sqrt(q * (1.0 - q)) / (4.0 * (double)total), 2.0 / 3.0);
+    if (m < LEAST_KEYS) m = LEAST_KEYS;
+    double positions = m * (double)total / p;
+    if (positions > total / 4.0) positions = total / 4.0;
+    return (int64_t)positions;
+}
+
+/* The ranges of the pass (whole slices, about one a thread per tensor) and the room of their first
+   buffers: none, a bracket's (a twentieth of the range and a margin; all of a short range) or the
+   whole range. */
+static int64_t set_ranges(select_tensor *t, int32_t count, int64_t chunk, int64_t per_tensor, int room_kind,
+                          select_job *jobs, gathered_part *parts, int64_t *room)
+{
+    int64_t n_jobs = 0;
+    *room = 0;
+    for (int32_t u = 0; u < count; u++) {
+        const int64_t n = t[u].n, s = (n + chunk - 1) / chunk;
+        const int64_t per = s ? (s + per_tensor - 1) / per_tensor : 1;
+        for (int64_t first = 0; first < s; first += per) {
+            const int64_t start = first * chunk, stop = (first + per) * chunk < n ? (first + per) * chunk : n;
+            select_job *b = &jobs[n_jobs];
+            b->score = t[u].score + start; b->pool = t[u].pool + start; b->marked = t[u].out + start;
+            b->n = stop - start; b->base = start;
+            b->capacity = room_kind == ROOM_ALL || (room_kind == ROOM_BRACKET && b->n < (1 << 16)) ? b->n + BLOCK
+                          : room_kind == ROOM_BRACKET ? b->n / 20 + 4096 : 0;
+            parts[n_jobs].tensor = u;
+            *room += b->capacity;
+            n_jobs++;
+        }
+    }
+    return n_jobs;
+}
+
+int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_count, int32_t flags,
+                      int32_t bracketed, int64_t chunk, int32_t threads)
+{
+    const uint32_t abs_mask = (flags & MAGNITUDE) ? 0x7fffffffu : 0xffffffffu;
+    const uint32_t sign = (flags & LARGEST) ? 0x80000000u : 0u;
+    const uint8_t complement = (flags & COMPLEMENT) != 0, remove = (flags & REMOVE) != 0;
+    const int32_t modes = flags & (MAGNITUDE | LARGEST | COMPLEMENT | KEEP_REST | REMOVE);
+    uint64_t state = (uint64_t)k * 0x2545f4914f6cdd1dull + 1;
+    int64_t total = 0, slices = 0, n_jobs = 0;
+    for (int32_t u = 0; u < count; u++) {
+        total += t[u].n;
+        slices += (t[u].n + chunk - 1) / chunk;
+    }
+    const int64_t per_tensor_jobs = threads > 0 ? threads : 1;
+    int32_t result = 1;
+    pthread_mutex_lock(&arena_lock);
+    int64_t room = 0, max_jobs = 0;
+    for (int32_t u = 0; u < count; u++)
+        max_jobs += per_tensor_jobs < (t[u].n + chunk - 1) / chunk ? per_tensor_jobs : (t[u].n + chunk - 1) / chunk;
+    select_job *jobs = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(select_job));
+    gathered_part *parts = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(gathered_part));
+    uint8_t **ties = calloc((size_t)(count ? count : 1), sizeof(uint8_t *));
+    int64_t **tie_counts = calloc((size_t)(count ? count : 1), sizeof(int64_t *));
+    int64_t *marked = calloc((size_t)(count ? count : 1), sizeof(int64_t));
+    int64_t *equal = calloc((size_t)(count ? count : 1), sizeof(int64_t));
+    if (!jobs || !parts || !ties || !tie_counts || !marked || !equal) goto done;
+    n_jobs = set_ranges(t, count, chunk, per_tensor_jobs, bracketed ? ROOM_BRACKET : ROOM_ALL, jobs, parts, &room);
+    /* The arena: each range's first buffers, each tensor's tie counts, the sample and a copy of the keys
+       gathered (as ordered integers) for the radix select. */
+    const int64_t positions = bracketed ? sample_positions(k, pool_count, total) : 0;
+    /* the sample, a scratch copy, the positions read (and AHEAD more) */
+    const size_t sample_room = (size_t)(positions + count) * 16 + 8 * AHEAD;
+    char *a = arena_of((size_t)room * 16 + (size_t)slices * 8 + sample_room + 64);
+    if (!a) goto done;
+    {
+        char *at = a;
+        for (int64_t j = 0; j < n_jobs; j++) {
+            parts[j].index[0] = (int64_t *)at; at += 8 * jobs[j].capacity;
+        }
+        for (int32_t u = 0; u < count; u++) {
+            tie_counts[u] = (int64_t *)at; at += 8 * ((t[u].n + chunk - 1) / chunk);
+        }
+        for (int64_t j = 0; j < n_jobs; j++) {
+            parts[j].key[0] = (float *)at; at += 4 * jobs[j].capacity;
+        }
+        at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);        /* the positions are int64 */
+        uint32_t *sample = (uint32_t *)at;
+        uint32_t *ordered = (uint32_t *)(at + sample_room);     /* room for 4 B a first-buffer entry */
+
+        float lower = 0.0f, upper = 0.0f, tie = 0.0f;
+        int32_t ends = LOWER_NINF | UPPER_INF, has_tie = 0;
+        if (positions) {
+            int64_t m = 0;
+            uint8_t *in_pool = (uint8_t *)(sample + positions + count);   /* the scratch half, for now */
+            int64_t *where = (int64_t *)(sample + 2 * (positions + count));
+            for (int32_t u = 0; u < count; u++) {
+                if (!t[u].n) continue;
+                /* One position at random in each of `draws` equal strata: in increasing order, never one
+                   twice. (Runs of neighbours would cost fewer cache misses, but neighbours are alike,
+                   a gradient's row all scaled by one factor: the brackets would miss.) */
+                int64_t draws = positions * t[u].n / total;
+                if (draws < 1) draws = 1;
+                const double stride = (double)t[u].n / (double)draws;
+                for (int64_t d = 0; d < draws; d++) {
+                    const double u01 = (double)(splitmix(&state) >> 11) * 0x1.0p-53;
+                    const int64_t i = (int64_t)(((double)d + u01) * stride);
+                    where[d] = i < t[u].n ? i : t[u].n - 1;
+                }
+                for (int64_t d = draws; d < draws + AHEAD; d++)
+                    where[d] = where[draws - 1];
+                for (int64_t d = 0; d < draws; d++) {     /* each read a cache miss: asked for ahead */
+                    __builtin_prefetch(t[u].score + where[d + AHEAD]);
+                    __builtin_prefetch(t[u].pool + where[d + AHEAD]);
+                    const int64_t i = where[d];
+                    sample[m] = order_of(key_of(t[u].score[i], abs_mask, sign));    /* m: not yet the kept */
+                    in_pool[m++] = (t[u].pool[i] != 0) != complement;
+                }
+            }
+            int64_t kept = 0;
+            for (int64_t d = 0; d < m; d++) {
+                sample[kept] = sample[d];
+                kept += in_pool[d];
+            }
+            m = kept;
+            bracket(sample, m, pool_count ? (k < pool_count ? (double)k / (double)pool_count : 1.0) : 1.0,
+                    sample + positions + count, &lower, &upper, &ends, &tie, &has_tie);
+        }
+        if (has_tie) {                              /* a flag an entry, in memory kept between calls */
+            uint8_t *flags_at = tie_room(total);
+            if (!flags_at) goto done;
+            for (int32_t u = 0; u < count; u++) {
+                ties[u] = flags_at;
+                flags_at += t[u].n;
+            }
+        }
+        int64_t sure = 0, inside = 0, n_ties = 0, gathered = 0;
+        for (int attempt = 0; attempt < 2; attempt++) {
+            int32_t pass_flags = modes | ends | (has_tie ? HAS_TIE : 0)
+                                 | (has_tie && !(ends & (LOWER_NINF | UPPER_INF)) && lower == upper ? LOWER_IS_TIE : 0);
+            if (pass_all(t, count, lower, upper, tie, pass_flags, chunk, threads, jobs, parts, (int32_t)n_jobs,
+                         ties, tie_counts, marked))
+                goto done;
+            int64_t all_marked = 0;
+            gathered = n_ties = 0;
+            for (int32_t u = 0; u < count; u++) {
+                all_marked += marked[u];
+                if (has_tie)
+                    for (int64_t s = 0; s < (t[u].n + chunk - 1) / chunk; s++) n_ties += tie_counts[u][s];
+            }
+            for (int64_t j = 0; j < n_jobs; j++) gathered += parts[j].count[0] + parts[j].count[1];
+            inside = gathered + n_ties;
+            sure = all_marked - inside;
+            if (sure < k && k <= sure + inside && !(attempt == 0 && (flags & MISSED))) break;
+            if (attempt == 1) goto done;
+            /* The sample missed: every pool entry, in buffers that hold them. */
+            for (int64_t j = 0; j < n_jobs; j++) {
+                free(parts[j].index[1]); free(parts[j].key[1]);
+                parts[j].index[1] = NULL; parts[j].key[1] = NULL;
+            }
+            int64_t unused;         /* the ranges from their starts, all in overflow buffers */
+            n_jobs = set_ranges(t, count, chunk, per_tensor_jobs, ROOM_NONE, jobs, parts, &unused);
+            ends = LOWER_NINF | UPPER_INF;
+            has_tie = 0;
+        }
+        /* The k-th is the j-th smallest of those gathered and the ties. */
+        const int64_t j = k - sure;
+        uint32_t *keys = ordered;
+        uint32_t *owned = NULL;
+        if ((size_t)gathered * 4 > (size_t)room * 4) {
+            owned = keys = malloc((size_t)gathered * 4 + 4);
+            if (!owned) goto done;
+        }
+        int64_t m = 0, before = 0;
+        for (int64_t p = 0; p < n_jobs; p++)
+            for (int b = 0; b < 2; b++)
+                for (int64_t q = 0; q < parts[p].count[b]; q++) {
+                    const float v = parts[p].key[b][q];
+                    keys[m++] = order_of(v);
+                    before += has_tie && v < tie;
+                }
+        float value;
+        if (has_tie && before < j && j <= before + n_ties) {
+            value = tie;
+        } else {
+            const int64_t r = j > before ? j - n_ties : j;
+            if (r < 1 || r > m) { free(owned); goto done; }
+            value = float_of(rank_of(keys, m, r - 1));
+        }
+        free(owned);
+        if (value != value) goto done;              /* NaN: _pick's own rules */
+        /* Of the entries equal to the k-th, the first in the global order are picked: `left` are not. */
+        int64_t left;
+        const int value_is_tie = has_tie && value == tie;
+        if (value_is_tie) {
+            for (int32_t u = 0; u < count; u++) {
+                equal[u] = 0;
+                for (int64_t s = 0; s < (t[u].n + chunk - 1) / chunk; s++) equal[u] += tie_counts[u][s];
+            }
+            left = n_ties - (j - before);
+        } else {
+            int64_t below = (has_tie && tie < value) ? n_ties : 0, same = 0;
+            for (int32_t u = 0; u < count; u++) equal[u] = 0;
+            for (int64_t p = 0; p < n_jobs; p++)
+                for (int b = 0; b < 2; b++)
+                    for (int64_t q = 0; q < parts[p].count[b]; q++) {
+                        const float v = parts[p].key[b][q];
+                        below += v < value;
+                        equal[parts[p].tensor] += v == value;
+                    }
+            for (int32_t u = 0; u < count; u++) same += equal[u];
+            left = same - (j - below);
+        }
+        for (int32_t u = count - 1; u >= 0; u--) {      /* the last `left` in the global order: per tensor */
+            const int64_t take = equal[u] < left ? equal[u] : left;
+            left -= take > 0 ? take : 0;
+            equal[u] = take > 0 ? take : 0;             /* now: this tensor's `later` */
+        }
+        for (int32_t u = 0; u < count; u++) t[u].picked = marked[u];
+        for (int64_t p = n_jobs - 1; p >= 0; p--) {     /* backwards: the last equal ones first */
+            select_tensor *x = &t[parts[p].tensor];
+            int64_t *later = &equal[parts[p].tensor];
+            for (int b = 1; b >= 0; b--)
+                for (int64_t q = parts[p].count[b] - 1; q >= 0; q--) {
+                    const float v = parts[p].key[b][q];
+                    if (v > value || (!value_is_tie && v == value && *later > 0)) {
+                        if (v == value) (*later)--;
+                        x->out[parts[p].index[b][q]] = remove;
+                        x->picked--;
+                    }
+                }
+        }
+        if (has_tie && value <= tie) {              /* ties past the k-th, or the last of those equal to it */
+            for (int32_t u = 0; u < count; u++) {
+                int64_t mine = 0;
+                const int64_t s_count = (t[u].n + chunk - 1) / chunk;
+                for (int64_t s = 0; s < s_count; s++) mine += tie_counts[u][s];
+                const int64_t drop = value_is_tie ? equal[u] : mine;
+                if (!drop) continue;
+                const int64_t first = mine - drop;
+                int64_t start = 0, seen = 0;
+                for (int64_t s = 0; first && s < s_count; s++) {
+                    if (seen + tie_counts[u][s] >= first) {
+                        start = after_flag(ties[u] + s * chunk, first - seen) + s * chunk;
+                        break;
+                    }
+                    seen += tie_counts[u][s];
+                }
+                set_where(t[u].out + start, ties[u] + start, t[u].n - start, remove);
+                t[u].picked -= drop;
+            }
+        }
+        result = 0;
+    }
+done:
+    if (parts)
+        for (int64_t j = 0; j < n_jobs; j++) { free(parts[j].index[1]); free(parts[j].key[1]); }
+    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(equal);
+    pthread_mutex_unlock(&arena_lock);
+    return result;
 }
