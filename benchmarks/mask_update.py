@@ -52,7 +52,8 @@ below one training step for the MLP at batch 64 and GPT-2 small at 1x128 tokens.
 time inside the controller's private methods and the criteria functions
 (wrapped on the instance and in their modules, nothing edited), the aten ops
 that take the time (``torch.profiler``), and the bytes moved and the passes
-over each layer's memory, per phase (every aten op counted by a dispatch mode).
+over each layer's memory, per phase (every aten op counted by a dispatch mode,
+and each compiled call of ``granet_fx.native`` as one read or write of its tensors).
 
     python benchmarks/mask_update.py            # writes results/mask_update.{txt,json}
     python benchmarks/mask_update.py --profile  # prints where the time goes
@@ -356,7 +357,7 @@ def report(data: dict) -> str:
 PHASES = ("_prune", "_regrow", "_pruned", "_regrown", "_update", "_zero", "apply_masks", "_count",
           "_count_active", "_gradient_size")
 CRITERIA = ("prune_global", "prune_global_counted", "drop_smallest", "grow_largest")   # as the controller calls them
-# inside granet_fx.criteria; the calls of _pass count the selection passes (over every tensor given) per update
+# inside granet_fx.criteria (_pass and _bracket run under FSDP2 or without the compiled selection)
 INTERNALS = ("_pick", "_pass", "_bracket", "_best")
 
 
@@ -431,17 +432,19 @@ class Traffic(TorchDispatchMode):
         self.passes: dict[str, dict[int, int]] = {}
         self.op_passes: dict[str, int] = {}
 
-    def count(self, name: str, moved: int, whole: list[torch.Tensor]) -> None:
-        """Note an op of the current phase that moved ``moved`` bytes and went over the tensors ``whole``."""
+    def count(self, name: str, moved: int, whole: list[torch.Tensor], layers: list[int] | None = None) -> None:
+        """Note an op of the current phase that moved ``moved`` bytes and went over the tensors ``whole``:
+        one pass over a layer of each size among them (``layers``: the sizes of the layers it went over)."""
         phase = self.timers.phase[-1]
         self.ops[phase] = self.ops.get(phase, 0) + 1
         self.bytes[phase] = self.bytes.get(phase, 0) + moved
-        layer_sized = {t.numel() for t in whole if t.numel() in self.sizes}
-        for n in layer_sized:
+        if layers is None:
+            layers = list({t.numel() for t in whole})
+        for n in (n for n in layers if n in self.sizes):
             per = self.passes.setdefault(phase, {})
             per[n] = per.get(n, 0) + 1
-        if self.largest in layer_sized:
-            self.op_passes[name] = self.op_passes.get(name, 0) + 1
+            if n == self.largest:
+                self.op_passes[name] = self.op_passes.get(name, 0) + 1
 
     @contextlib.contextmanager
     def native_calls(self):
@@ -450,7 +453,8 @@ class Traffic(TorchDispatchMode):
         def counted(name, fn, tensors):
             def call(*args, **kwargs):
                 touched = tensors(*args, **kwargs)
-                self.count(f"native.{name}", sum(_nbytes(t) for t in touched), touched)
+                layers = [t.numel() for t in args[0]] if name == "select" else None    # a pass a tensor
+                self.count(f"native.{name}", sum(_nbytes(t) for t in touched), touched, layers)
                 return fn(*args, **kwargs)
             return call
         saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops")}
