@@ -9,7 +9,7 @@ write the new mask, and re-mask the weight and its momentum. In one run, on
 - the bytes an update must touch at the least (the byte model below), and so
   the bandwidth limit, bytes / bandwidth;
 - the update time and the training-step time, side by side, and the same
-  updates with the eager passes (selection and re-masking) in place of the
+  updates with the eager passes (selection, re-masking, mask counts) in place of the
   compiled ones (``granet_fx.native``): from the same state, alternately
   first, checked to choose the same masks,
 
@@ -248,17 +248,18 @@ def measure(setup: Setup, timings: int) -> dict:
 
 @contextlib.contextmanager
 def selection_pass(path: str):
-    """Mask updates with the compiled passes ("compiled", granet_fx.native: selection and re-masking) or
+    """Mask updates with the compiled passes ("compiled", granet_fx.native: selection, re-masking, counts) or
     the eager ones."""
     if path == "compiled" and native.kernel() is None:
         raise RuntimeError("the compiled passes are not available here (no C compiler?)")
-    eligible, can_zero = native.eligible, native.can_zero
+    eligible, can_zero, count = native.eligible, native.can_zero, native.count
     if path == "eager":
         native.eligible = native.can_zero = lambda *a: False
+        native.count = lambda mask: int(torch.count_nonzero(mask))
     try:
         yield
     finally:
-        native.eligible, native.can_zero = eligible, can_zero
+        native.eligible, native.can_zero, native.count = eligible, can_zero, count
 
 
 def _not_updated(t: int) -> None:
@@ -457,12 +458,13 @@ class Traffic(TorchDispatchMode):
                 self.count(f"native.{name}", sum(_nbytes(t) for t in touched), touched, layers)
                 return fn(*args, **kwargs)
             return call
-        saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops")}
+        saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops", "count")}
         native.select = counted("select", saved["select"], lambda scores, pools, *a, **k: [
             *scores, *pools, *(a[7] if len(a) > 7 else k["out"])])
         native.zero_where_not = counted("zero_where_not", saved["zero_where_not"], lambda tensors, keep, also=None,
                                         dest=None: [*tensors, *tensors, keep] + [m for m in (also, dest) if m is not None])
         native.slice_tops = counted("slice_tops", saved["slice_tops"], lambda score, pool, *a: [score, pool])
+        native.count = counted("count", saved["count"], lambda mask: [mask])
         try:
             yield
         finally:

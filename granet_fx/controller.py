@@ -220,7 +220,7 @@ class GraNet:
         """
         current = self._masks
         work, spare = self._work_buffers()
-        counts = self._comm.sum([int(torch.count_nonzero(m)) for m in current])   # the masks may have been loaded
+        counts = self._comm.sum([native.count(m) for m in current])   # the masks may have been loaded
         masks, counts = self._pruned(t, counts, work) if prune else (current, counts)
         fraction = self.regrow_fraction(t)
         for i, (m, p) in enumerate(zip(current, masks)):
@@ -266,7 +266,7 @@ class GraNet:
                 new = prune_gradient_first(scores, grads, masks, keep, c.select_ratio, comm)
             else:
                 return prune_global_counted(weights, masks, keep, comm, counts, magnitude=True, out=out)
-            return new, comm.sum([int(torch.count_nonzero(m)) for m in new])
+            return new, comm.sum([native.count(m) for m in new])
         new, after = [], []
         for i, (w, m, n0, nf) in enumerate(zip(weights, masks, self._start_counts, self._final_counts)):
             n = self._units[i].numel
@@ -274,7 +274,7 @@ class GraNet:
             keep = round((1.0 - sparsity) * n)
             if c.method == "fggp":
                 new.append(prune_gradient_first([scores[i]], [grads[i]], [m], keep, c.select_ratio, comm)[0])
-                after.append(comm.sum([int(torch.count_nonzero(new[-1]))])[0])
+                after.append(comm.sum([native.count(new[-1])])[0])
             else:
                 new.append(drop_smallest(w, m, counts[i] - keep, comm, counts[i], magnitude=True, out=out[i]))
                 after.append(counts[i] - max(0, min(counts[i] - keep, counts[i])))
@@ -331,7 +331,7 @@ class GraNet:
 
     # Book-keeping ----------------------------------------------------------
     def _count_active(self) -> None:
-        counts = self._comm.sum([int(torch.count_nonzero(m)) for m in self._masks])
+        counts = self._comm.sum([native.count(m) for m in self._masks])
         self._active = dict(zip(self._names, counts))
         if self._structured is not None:
             self._active.update(self._structured.active())

@@ -179,7 +179,7 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
 
 def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
     """Active entries per mask, over all ranks."""
-    return comm.sum([int(torch.count_nonzero(m)) for m in masks])
+    return comm.sum([native.count(m) for m in masks])
 
 
 def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm,
@@ -287,7 +287,7 @@ def grow_largest(score: torch.Tensor, mask: torch.Tensor, n: int, comm: Comm = L
     """Activate the ``n`` inactive entries with the largest score; among equals, the lowest flat
     indices first. ``count``: the inactive entries, when already known; ``out``: where the new mask
     may be written (not ``mask``)."""
-    count = comm.sum([mask.numel() - int(torch.count_nonzero(mask))])[0] if count is None else count
+    count = comm.sum([mask.numel() - native.count(mask)])[0] if count is None else count
     n = min(n, count)
     if n <= 0:
         return mask.clone()

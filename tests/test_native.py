@@ -197,3 +197,12 @@ def test_the_compiled_selection_is_a_stable_sort_and_the_steps(chunk, missed, mo
                                                 complement=complement, keep_rest=keep_rest, remove=remove)
         assert all(torch.equal(o, s) for o, s in zip(out, steps)) and counts == step_counts
         assert sum(counts) == k
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, native.SPAN, native.SPAN + 1, 3 * native.SPAN + 5])
+def test_counts_are_count_nonzero(n):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.3
+    assert native.count(mask) == int(torch.count_nonzero(mask)) == int(mask.numpy().sum())
+    every_other = torch.rand(2 * n + 2, generator=g) < 0.5
+    assert native.count(every_other[::2]) == int(every_other[::2].numpy().sum())    # not contiguous: torch's

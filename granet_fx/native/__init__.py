@@ -65,6 +65,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.granet_last_equal.restype = i64
     lib.granet_select.argtypes = [p, i32, i64, i64, i32, i32, i64, i32]
     lib.granet_select.restype = i32
+    lib.granet_count.argtypes = [p, i64, i64, i32]
+    lib.granet_count.restype = i64
     lib.granet_openmp.restype = i32
     lib.granet_avx2.restype = i32
     return lib
@@ -232,6 +234,15 @@ def last_equal(score: torch.Tensor, pool: torch.Tensor, top: float, magnitude: b
     """The flat index of the last pool entry whose key is ``top`` (-1: none)."""
     return kernel().granet_last_equal(score.data_ptr(), pool.data_ptr(), score.numel(), top,
                                       MAGNITUDE if magnitude else 0)
+
+
+def count(mask: torch.Tensor) -> int:
+    """``torch.count_nonzero`` of a bool mask, compiled where it can be (a CPU contiguous bool tensor, the
+    library there): one read at the memory's speed, where ``count_nonzero`` takes several times longer."""
+    if not (type(mask) is torch.Tensor and mask.device.type == "cpu" and mask.dtype == torch.bool
+            and mask.is_contiguous() and kernel() is not None):      # not a subclass (a DTensor shard)
+        return int(torch.count_nonzero(mask))
+    return kernel().granet_count(mask.data_ptr(), mask.numel(), SPAN, _threads())
 
 
 ZERO_SIZES = (2, 4, 8)      # bytes of a value that the zeroing pass takes

@@ -300,6 +300,30 @@ void granet_zero_where_not(const uint8_t *keep, const uint8_t *also, uint8_t *de
 }
 
 
+/* How many of n flags (bytes 0 or 1: a bool mask) are set, in spans of `span` on `threads` threads. A
+   span's bytes are summed in 32-bit lanes (a span is at most 2^24 long), which the compiler vectorises. */
+WIDEST_VECTORS static uint32_t flags_set(const uint8_t *restrict flags, int64_t n)
+{
+    uint32_t total = 0;
+    for (int64_t i = 0; i < n; i++)
+        total += flags[i];
+    return total;
+}
+
+int64_t granet_count(const uint8_t *flags, int64_t n, int64_t span, int32_t threads)
+{
+    const int64_t spans = (n + span - 1) / span;
+    int64_t total = 0;
+    (void)threads;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
+    for (int64_t j = 0; j < spans; j++) {
+        const int64_t stop = (j + 1) * span < n ? (j + 1) * span : n;
+        total += flags_set(flags + j * span, stop - j * span);
+    }
+    return total;
+}
+
+
 /* Threads ------------------------------------------------------------------------------------------
 
    Both passes run their parts on OpenMP threads when the library is built with it: torch's own
