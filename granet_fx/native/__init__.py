@@ -1,5 +1,6 @@
-"""The passes over memory of a mask update as compiled loops: the selection pass (``criteria._pass``)
-and the re-masking (zeroing where a mask is False).
+"""The passes over memory of a mask update as compiled loops: the selection pass (``criteria._pass``),
+a whole selection on one process around it (``select``), the re-masking (zeroing where a mask is
+False) and the counts of a mask's active entries.
 
 An eager pass costs several aten ops per slice of a tensor, each a trip
 through memory; the loops in ``update_passes.c`` read each score and pool entry
@@ -265,9 +266,9 @@ def zero_where_not(tensors: Sequence[torch.Tensor], keep: torch.Tensor, also: to
     """Set each of ``tensors`` to +0.0 where ``keep`` (and ``also``, when given) is False, in place; a kept
     value keeps its bits. ``dest``: then write ``also`` (or ``keep``) there, ``keep`` itself too. One read
     of the masks for all tensors, in spans on the passes' threads."""
-    count = len(tensors)
-    pointers = (ctypes.c_void_p * max(1, count))(*[t.data_ptr() for t in tensors])
-    sizes = (ctypes.c_int32 * max(1, count))(*[t.element_size() for t in tensors])
+    n = len(tensors)
+    pointers = (ctypes.c_void_p * max(1, n))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int32 * max(1, n))(*[t.element_size() for t in tensors])
     kernel().granet_zero_where_not(keep.data_ptr(), also.data_ptr() if also is not None else None,
                                    dest.data_ptr() if dest is not None else None, keep.numel(),
-                                   pointers, sizes, count, SPAN, _threads())
+                                   pointers, sizes, n, SPAN, _threads())

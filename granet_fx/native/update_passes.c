@@ -47,6 +47,12 @@ static inline float key_of(float x, uint32_t abs_mask, uint32_t sign)
     return x;
 }
 
+/* Slices of `chunk` entries that n entries make, the last one short. */
+static inline int64_t slices_of(int64_t n, int64_t chunk)
+{
+    return (n + chunk - 1) / chunk;
+}
+
 /* The marks of a block (of pool entries only) into `picks`, without counting them: counting in this loop
    widens every lane to 64 bits. */
 WIDEST_VECTORS static void mark_block(const float *restrict score, const uint8_t *restrict pool, int64_t n,
@@ -427,7 +433,7 @@ void granet_slice_tops(const float *score, const uint8_t *pool, int64_t n, int64
                        float *tops, int32_t threads)
 {
     const uint32_t abs_mask = (flags & MAGNITUDE) ? 0x7fffffffu : 0xffffffffu;
-    const int64_t slices = (n + chunk - 1) / chunk;
+    const int64_t slices = slices_of(n, chunk);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t s = 0; s < slices; s++) {
@@ -668,11 +674,11 @@ static void bracket(uint32_t *sample, int64_t n, double q, uint32_t *scratch, fl
 }
 
 /* One pass over every tensor (granet_select_pass on the threads, a range a job), the gathered entries
-   in `parts` (the arena's buffers of `capacity` entries a range, then overflows), marks per tensor in
-   `marked`. Returns 1 if out of memory. */
+   in `parts` (the arena's buffers of `capacity` entries a range, then overflows), marks and ties per
+   tensor in `marked` and `tied`. Returns 1 if out of memory. */
 static int pass_all(select_tensor *t, int32_t count, float lower, float upper, float tie, int32_t flags,
                     int64_t chunk, int32_t threads, select_job *jobs, gathered_part *parts, int32_t n_jobs,
-                    uint8_t **ties, int64_t **tie_counts, int64_t *marked)
+                    uint8_t **ties, int64_t **tie_counts, int64_t *marked, int64_t *tied)
 {
     (void)threads;
     for (int32_t j = 0; j < n_jobs; j++) {
@@ -684,8 +690,8 @@ static int pass_all(select_tensor *t, int32_t count, float lower, float upper, f
         jobs[j].out_key = parts[j].key[0];
     }
     for (int32_t u = 0; u < count; u++) {
-        memset(tie_counts[u], 0, sizeof(int64_t) * (size_t)((t[u].n + chunk - 1) / chunk));
-        marked[u] = 0;
+        memset(tie_counts[u], 0, sizeof(int64_t) * (size_t)slices_of(t[u].n, chunk));
+        marked[u] = tied[u] = 0;
     }
     for (int round = 0; round < 2; round++) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -720,6 +726,9 @@ static int pass_all(select_tensor *t, int32_t count, float lower, float upper, f
     }
     for (int32_t j = 0; j < n_jobs; j++)
         marked[parts[j].tensor] += jobs[j].totals[0];
+    for (int32_t u = 0; u < count && (flags & HAS_TIE); u++)
+        for (int64_t q = 0; q < slices_of(t[u].n, chunk); q++)
+            tied[u] += tie_counts[u][q];
     return 0;
 }
 
@@ -749,7 +758,7 @@ static int64_t set_ranges(select_tensor *t, int32_t count, int64_t chunk, int64_
     int64_t n_jobs = 0;
     *room = 0;
     for (int32_t u = 0; u < count; u++) {
-        const int64_t n = t[u].n, s = (n + chunk - 1) / chunk;
+        const int64_t n = t[u].n, s = slices_of(n, chunk);
         const int64_t per = s ? (s + per_tensor - 1) / per_tensor : 1;
         for (int64_t first = 0; first < s; first += per) {
             const int64_t start = first * chunk, stop = (first + per) * chunk < n ? (first + per) * chunk : n;
@@ -777,21 +786,22 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
     int64_t total = 0, slices = 0, n_jobs = 0;
     for (int32_t u = 0; u < count; u++) {
         total += t[u].n;
-        slices += (t[u].n + chunk - 1) / chunk;
+        slices += slices_of(t[u].n, chunk);
     }
     const int64_t per_tensor_jobs = threads > 0 ? threads : 1;
     int32_t result = 1;
     pthread_mutex_lock(&arena_lock);
     int64_t room = 0, max_jobs = 0;
     for (int32_t u = 0; u < count; u++)
-        max_jobs += per_tensor_jobs < (t[u].n + chunk - 1) / chunk ? per_tensor_jobs : (t[u].n + chunk - 1) / chunk;
+        max_jobs += per_tensor_jobs < slices_of(t[u].n, chunk) ? per_tensor_jobs : slices_of(t[u].n, chunk);
     select_job *jobs = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(select_job));
     gathered_part *parts = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(gathered_part));
     uint8_t **ties = calloc((size_t)(count ? count : 1), sizeof(uint8_t *));
     int64_t **tie_counts = calloc((size_t)(count ? count : 1), sizeof(int64_t *));
     int64_t *marked = calloc((size_t)(count ? count : 1), sizeof(int64_t));
+    int64_t *tied = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     int64_t *equal = calloc((size_t)(count ? count : 1), sizeof(int64_t));
-    if (!jobs || !parts || !ties || !tie_counts || !marked || !equal) goto done;
+    if (!jobs || !parts || !ties || !tie_counts || !marked || !tied || !equal) goto done;
     n_jobs = set_ranges(t, count, chunk, per_tensor_jobs, bracketed ? ROOM_BRACKET : ROOM_ALL, jobs, parts, &room);
     /* The arena: each range's first buffers, each tensor's tie counts, the sample and a copy of the keys
        gathered (as ordered integers) for the radix select. */
@@ -806,7 +816,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             parts[j].index[0] = (int64_t *)at; at += 8 * jobs[j].capacity;
         }
         for (int32_t u = 0; u < count; u++) {
-            tie_counts[u] = (int64_t *)at; at += 8 * ((t[u].n + chunk - 1) / chunk);
+            tie_counts[u] = (int64_t *)at; at += 8 * slices_of(t[u].n, chunk);
         }
         for (int64_t j = 0; j < n_jobs; j++) {
             parts[j].key[0] = (float *)at; at += 4 * jobs[j].capacity;
@@ -819,7 +829,6 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
         int32_t ends = LOWER_NINF | UPPER_INF, has_tie = 0;
         if (positions) {
             int64_t m = 0;
-            uint8_t *in_pool = (uint8_t *)(sample + positions + count);   /* the scratch half, for now */
             int64_t *where = (int64_t *)(sample + 2 * (positions + count));
             for (int32_t u = 0; u < count; u++) {
                 if (!t[u].n) continue;
@@ -840,16 +849,10 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
                     __builtin_prefetch(t[u].score + where[d + AHEAD]);
                     __builtin_prefetch(t[u].pool + where[d + AHEAD]);
                     const int64_t i = where[d];
-                    sample[m] = order_of(key_of(t[u].score[i], abs_mask, sign));    /* m: not yet the kept */
-                    in_pool[m++] = (t[u].pool[i] != 0) != complement;
+                    sample[m] = order_of(key_of(t[u].score[i], abs_mask, sign));    /* kept if in the pool */
+                    m += (t[u].pool[i] != 0) != complement;
                 }
             }
-            int64_t kept = 0;
-            for (int64_t d = 0; d < m; d++) {
-                sample[kept] = sample[d];
-                kept += in_pool[d];
-            }
-            m = kept;
             bracket(sample, m, pool_count ? (k < pool_count ? (double)k / (double)pool_count : 1.0) : 1.0,
                     sample + positions + count, &lower, &upper, &ends, &tie, &has_tie);
         }
@@ -866,14 +869,13 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             int32_t pass_flags = modes | ends | (has_tie ? HAS_TIE : 0)
                                  | (has_tie && !(ends & (LOWER_NINF | UPPER_INF)) && lower == upper ? LOWER_IS_TIE : 0);
             if (pass_all(t, count, lower, upper, tie, pass_flags, chunk, threads, jobs, parts, (int32_t)n_jobs,
-                         ties, tie_counts, marked))
+                         ties, tie_counts, marked, tied))
                 goto done;
             int64_t all_marked = 0;
             gathered = n_ties = 0;
             for (int32_t u = 0; u < count; u++) {
                 all_marked += marked[u];
-                if (has_tie)
-                    for (int64_t s = 0; s < (t[u].n + chunk - 1) / chunk; s++) n_ties += tie_counts[u][s];
+                n_ties += tied[u];
             }
             for (int64_t j = 0; j < n_jobs; j++) gathered += parts[j].count[0] + parts[j].count[1];
             inside = gathered + n_ties;
@@ -894,7 +896,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
         const int64_t j = k - sure;
         uint32_t *keys = ordered;
         uint32_t *owned = NULL;
-        if ((size_t)gathered * 4 > (size_t)room * 4) {
+        if (gathered > room) {
             owned = keys = malloc((size_t)gathered * 4 + 4);
             if (!owned) goto done;
         }
@@ -920,10 +922,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
         int64_t left;
         const int value_is_tie = has_tie && value == tie;
         if (value_is_tie) {
-            for (int32_t u = 0; u < count; u++) {
-                equal[u] = 0;
-                for (int64_t s = 0; s < (t[u].n + chunk - 1) / chunk; s++) equal[u] += tie_counts[u][s];
-            }
+            for (int32_t u = 0; u < count; u++) equal[u] = tied[u];
             left = n_ties - (j - before);
         } else {
             int64_t below = (has_tie && tie < value) ? n_ties : 0, same = 0;
@@ -959,12 +958,10 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
         }
         if (has_tie && value <= tie) {              /* ties past the k-th, or the last of those equal to it */
             for (int32_t u = 0; u < count; u++) {
-                int64_t mine = 0;
-                const int64_t s_count = (t[u].n + chunk - 1) / chunk;
-                for (int64_t s = 0; s < s_count; s++) mine += tie_counts[u][s];
-                const int64_t drop = value_is_tie ? equal[u] : mine;
+                const int64_t s_count = slices_of(t[u].n, chunk);
+                const int64_t drop = value_is_tie ? equal[u] : tied[u];
                 if (!drop) continue;
-                const int64_t first = mine - drop;
+                const int64_t first = tied[u] - drop;
                 int64_t start = 0, seen = 0;
                 for (int64_t s = 0; first && s < s_count; s++) {
                     if (seen + tie_counts[u][s] >= first) {
@@ -982,7 +979,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
 done:
     if (parts)
         for (int64_t j = 0; j < n_jobs; j++) { free(parts[j].index[1]); free(parts[j].key[1]); }
-    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(equal);
+    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal);
     pthread_mutex_unlock(&arena_lock);
     return result;
 }
