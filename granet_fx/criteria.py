@@ -131,7 +131,8 @@ def prune_global_counted(scores: Sequence[torch.Tensor], masks: Sequence[torch.T
                          magnitude: bool = False, out: Sequence[torch.Tensor] | None = None
                          ) -> tuple[list[torch.Tensor], list[int]]:
     """``prune_global``, and the active entries each new mask keeps over all ranks (not counted again).
-    ``out``: where the new masks may be written (not ``masks``)."""
+    ``out``: where the new masks may be written (not ``masks``); a mask left as it was (one entry, kept)
+    is then returned itself."""
     counts = _counts(masks, comm) if counts is None else list(counts)
     keep = max(keep, sum(c > 0 for c in counts))
     n_drop = sum(counts) - keep
@@ -139,8 +140,9 @@ def prune_global_counted(scores: Sequence[torch.Tensor], masks: Sequence[torch.T
         return [m.clone() for m in masks], counts
     return _drop_keeping_every_layer(
         scores, masks, counts,
-        lambda pool, n: _pick(scores, pool, n_drop, n, comm, magnitude=magnitude, out=out, remove=True),
-        comm, magnitude, counted=True, removed=True)
+        lambda layers, pool, n: _pick([scores[u] for u in layers], pool, n_drop, n, comm, magnitude=magnitude,
+                                      out=None if out is None else [out[u] for u in layers], remove=True),
+        comm, magnitude, counted=True, removed=True, prefix=True, fresh=out is None)
 
 
 def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -163,10 +165,10 @@ def prune_gradient_first(scores: Sequence[torch.Tensor], gradients: Sequence[tor
         return [m.clone() for m in masks]
     size = max(int(select_ratio * total), n_drop)
 
-    def dropped(pool: Sequence[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[int]]:
+    def dropped(layers: list[int], pool: Sequence[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[int]]:
         candidates = [p.nonzero().squeeze(1) for p in
-                      _pick(gradients, pool, min(size, count), count, comm, magnitude=True)[0]]
-        chosen = _pick([s.detach().float().reshape(-1)[c] for s, c in zip(scores, candidates)],
+                      _pick([gradients[u] for u in layers], pool, min(size, count), count, comm, magnitude=True)[0]]
+        chosen = _pick([scores[u].detach().float().reshape(-1)[c] for u, c in zip(layers, candidates)],
                        [torch.ones(len(c), dtype=torch.bool, device=c.device) for c in candidates],
                        n_drop, min(size, count), comm)
         picked = [torch.zeros(p.numel(), dtype=torch.bool, device=p.device) for p in pool]
@@ -183,28 +185,52 @@ def _counts(masks: Sequence[torch.Tensor], comm: Comm) -> list[int]:
 
 
 def _drop_keeping_every_layer(scores, masks, counts: Sequence[int], choose, comm: Comm,
-                              magnitude: bool = False, counted: bool = False, removed: bool = False):
-    """``masks`` without the entries that ``choose(pool, active count)`` picks (flat bool masks, and how
-    many each marks on this rank; ``removed``: the pools without them already); should that empty a mask,
-    every mask keeps its best-scored entry and ``choose`` picks from the others. ``counted``: also the
-    active entries left in each, over all ranks."""
+                              magnitude: bool = False, counted: bool = False, removed: bool = False,
+                              prefix: bool = False, fresh: bool = True):
+    """``masks`` without the entries that ``choose(layers, pools, active count)`` picks among the masks
+    at the indices ``layers`` (a flat bool mask each, and how many each marks on this rank; ``removed``:
+    the pools without them already); should that empty a mask, every mask keeps its best-scored entry
+    and ``choose`` picks from the others. ``counted``: also the active entries left in each, over all
+    ranks. ``prefix``: ``choose`` picks the first entries of one order in which a mask's best comes
+    after its others (magnitude pruning). A mask left as it was is returned itself where not ``fresh``."""
     # Choosing with every mask's best entry set aside gives the same masks when no mask would be emptied
-    # (a mask's best goes only after all its others): a mask down to one entry, likely to lose it, starts so.
-    protect = any(c == 1 for c in counts)
-    if not protect:
-        picked, mine = choose(masks, sum(counts))
-        gone = comm.sum(mine)
-        protect = not all(g < c for g, c in zip(gone, counts) if c)
-    if protect:
-        best = _best(scores, masks, counts, comm, magnitude)
+    # (a mask's best goes only after all its others). For a prefix choice, setting aside the bests of the
+    # masks it would empty gives them too: the other masks' bests come after all it picks. So only those
+    # are found (a pass each), and the choice runs again should it then empty another. A mask down to one
+    # entry, likely to lose it, starts set aside (all masks do, where the choice is not a prefix): with
+    # nothing left to choose from, it is left out of the choice, as is an empty mask.
+    lone = [c == 1 for c in counts]
+    aside = lone if prefix else [c > 0 and any(lone) for c in counts]
+    best: list[torch.Tensor | None] = [None] * len(masks)
+    while True:
+        layers = [u for u, (c, a) in enumerate(zip(counts, aside)) if c > 1 or (c == 1 and not a)]
+        needed = [u for u in layers if aside[u] and best[u] is None]
+        found = _best([scores[u] for u in needed], [masks[u] for u in needed], [counts[u] for u in needed], comm,
+                      magnitude) if needed else []
+        for u, b in zip(needed, found):
+            best[u] = b if b is not None else torch.empty(0, dtype=torch.long)    # on another rank
         with _set_aside(masks, best):
-            picked, mine = choose(masks, sum(counts) - sum(c > 0 for c in counts))
-        gone = comm.sum(mine)
-        if removed:             # what is left of the pools without the best entries: they go back
-            for p, d in zip(picked, best):
-                if d is not None:
-                    p[d.to(p.device)] = True
-    new = [p.view(m.shape) if removed else _minus(m, p) for m, p in zip(masks, picked)]
+            picked, mine = choose(layers, [masks[u] for u in layers],
+                                  sum(counts[u] - aside[u] for u in layers))
+        gone = [0] * len(masks)
+        for u, g in zip(layers, comm.sum(mine)):
+            gone[u] = g
+        emptied = [c > 0 and not a and g >= c for c, a, g in zip(counts, aside, gone)]
+        if not any(emptied):
+            break
+        aside = [a or e for a, e in zip(aside, emptied)] if prefix else [c > 0 for c in counts]
+    chosen = dict(zip(layers, picked))
+    new = []
+    for u, m in enumerate(masks):
+        p = chosen.get(u)
+        if p is None:
+            new.append(m.clone() if fresh else m)
+        elif removed:           # what is left of the pool without the best entry: it goes back
+            if best[u] is not None:
+                p[best[u].to(p.device)] = True
+            new.append(p.view(m.shape))
+        else:
+            new.append(_minus(m, p))
     return (new, [c - g for c, g in zip(counts, gone)]) if counted else new
 
 

@@ -277,3 +277,18 @@ def test_a_layer_down_to_one_entry_selects_like_the_reference(lone):
         assert (got == reference_prune([w.abs() for w in weights], masks, keep)).all()
         assert counts == [int(m.sum()) for m in new] and counts[1] == 1
         assert all(torch.equal(a, b) for a, b in zip(masks, before))
+
+
+def test_keeping_one_layer_that_would_empty_can_empty_the_next_and_both_keep_their_best():
+    # Layer 1's three entries go first and would empty it; keeping its best takes one more, which
+    # empties layer 2; keeping that one's best too takes the largest layer's smallest entry.
+    big = 1.0 + torch.rand(40, 50, generator=torch.Generator().manual_seed(17))
+    weights = [big, torch.full((3,), 1e-4), torch.tensor([2e-4, 3e-4]), torch.tensor([5.0, 6.0, 7.0])]
+    masks = [torch.ones(w.shape, dtype=torch.bool) for w in weights]
+    total = sum(m.numel() for m in masks)
+    for n_drop in (4, 5, 9):
+        new, counts = criteria.prune_global_counted(weights, masks, total - n_drop, magnitude=True)
+        got = np.concatenate([m.numpy().ravel() for m in new])
+        assert (got == reference_prune([w.abs() for w in weights], masks, total - n_drop)).all()
+        assert counts[1:3] == [1, 1] and counts[0] == big.numel() - (n_drop - 3)
+        assert new[1].tolist() == [False, False, True] and new[2].tolist() == [False, True]

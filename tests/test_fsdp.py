@@ -221,6 +221,17 @@ def criteria_worker(rank, world, store, out):
                                  20, comm)
     checks.append(("no layer emptied", (6, 2), 20, all(
         torch.equal(_gather(p, comm, w.shape), w) for p, w in zip(part, whole))))
+    # a layer down to one entry (left out of the choice), and keeping one layer's best empties the next
+    scores = [1.0 + torch.rand(8, 5, generator=g), torch.full((3, 1), 1e-4), torch.tensor([[2e-4], [3e-4]]),
+              torch.full((4, 2), 1e-5)]
+    masks = [torch.ones(s.shape, dtype=torch.bool) for s in scores]
+    masks[3][1:] = False
+    masks[3][0, 0] = False
+    whole = criteria.prune_global(scores, masks, 42)
+    part = criteria.prune_global([_rows(t, rank, world) for t in scores], [_rows(t, rank, world) for t in masks],
+                                 42, comm)
+    checks.append(("a lone layer, one emptied after another", (8, 5), 42, all(
+        torch.equal(_gather(p, comm, w.shape), w) for p, w in zip(part, whole))))
     if rank == 0:
         torch.save(checks, f"{out}/criteria.pt")
     dist.destroy_process_group()
@@ -230,7 +241,7 @@ def criteria_worker(rank, world, store, out):
 def test_selection_on_each_ranks_rows_equals_selection_on_whole_tensors(tmp_path, world):
     mp.spawn(criteria_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     checks = torch.load(tmp_path / "criteria.pt", weights_only=True)
-    assert len(checks) == 2 * (3 * 2 + 3 * 2) + 1
+    assert len(checks) == 2 * (3 * 2 + 3 * 2) + 2
     failed = [c[:3] for c in checks if not c[3]]
     assert not failed, failed
     # the hand-worked case: 20 kept of 52; the low layer keeps its last entry, the other its 19 largest
@@ -238,6 +249,17 @@ def test_selection_on_each_ranks_rows_equals_selection_on_whole_tensors(tmp_path
     kept = criteria.prune_global(scores, [torch.ones(6, 2, dtype=torch.bool), torch.ones(10, 4, dtype=torch.bool)], 20)
     assert kept[0].flatten().nonzero().flatten().tolist() == [11]
     assert kept[1].flatten().nonzero().flatten().tolist() == list(range(21, 40))
+    # the other hand-worked case: 4 of 46 entries go; the lone entry stays, the 1e-4 layer keeps its last,
+    # the 2e-4/3e-4 layer its 3e-4, and the largest layer loses its smallest
+    scores = [1.0 + torch.rand(8, 5, generator=torch.Generator().manual_seed(1)), torch.full((3, 1), 1e-4),
+              torch.tensor([[2e-4], [3e-4]]), torch.full((4, 2), 1e-5)]
+    masks = [torch.ones(s.shape, dtype=torch.bool) for s in scores]
+    masks[3][1:] = False
+    masks[3][0, 0] = False
+    kept = criteria.prune_global(scores, masks, 42)
+    assert kept[1].flatten().tolist() == [False, False, True] and kept[2].flatten().tolist() == [False, True]
+    assert torch.equal(kept[3], masks[3]) and kept[3] is not masks[3]
+    assert kept[0].flatten().nonzero().flatten().tolist() == [i for i in range(40) if i != int(scores[0].argmin())]
 
 
 # Kill and resume from a DCP checkpoint ------------------------------------------------------------

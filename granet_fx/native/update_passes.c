@@ -505,6 +505,10 @@ typedef struct {
     int64_t picked;             /* set: the entries picked */
 } select_tensor;
 
+typedef struct {                /* a range's share of the k-th's steps */
+    int64_t at, below, equal, later, cleared;
+} range_counts;
+
 typedef struct {                /* one range's gathered entries, in up to two buffers (the second: an overflow) */
     int64_t tensor, count[2];
     int64_t *index[2];
@@ -733,11 +737,14 @@ static int pass_all(select_tensor *t, int32_t count, float lower, float upper, f
 }
 
 enum { ROOM_NONE, ROOM_BRACKET, ROOM_ALL, LEAST_KEYS = 128, AHEAD = 16 };
+enum { PARALLEL_FIXUPS = 1 << 14 };     /* gathered entries from which the k-th's steps use the threads */
 
 /* How many positions the bracket samples. A position costs a random read, about four times what a key
    left inside the bracket costs (the pass gathers it, the radix select and the fix-ups go over it), and
    for the k-th at the quantile q of a pool of P of the T entries, m pool keys drawn (m T / P positions)
-   leave about 10 P sqrt(q (1 - q) / m) inside: the sum is least at m = (5 P^2 sqrt(q (1 - q)) / (4 T))^(2/3). */
+   leave about 10 P sqrt(q (1 - q) / m) inside: the sum is least at m = (5 P^2 sqrt(q (1 - q)) / (4 T))^(2/3).
+   None (every pool entry gathered) where gathering them all costs no more than the sample: a sparse pool,
+   such as the drop's few active entries of a layer pruned almost empty. */
 static int64_t sample_positions(int64_t k, int64_t pool, int64_t total)
 {
     if (pool <= 0 || total <= 0) return 0;
@@ -746,7 +753,7 @@ static int64_t sample_positions(int64_t k, int64_t pool, int64_t total)
     if (m < LEAST_KEYS) m = LEAST_KEYS;
     double positions = m * (double)total / p;
     if (positions > total / 4.0) positions = total / 4.0;
-    return (int64_t)positions;
+    return 4.0 * positions >= p ? 0 : (int64_t)positions;
 }
 
 /* The ranges of the pass (whole slices, about one a thread per tensor) and the room of their first
@@ -801,7 +808,9 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
     int64_t *marked = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     int64_t *tied = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     int64_t *equal = calloc((size_t)(count ? count : 1), sizeof(int64_t));
-    if (!jobs || !parts || !ties || !tie_counts || !marked || !tied || !equal) goto done;
+    int64_t *later = calloc((size_t)(count ? count : 1), sizeof(int64_t));
+    range_counts *per = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(range_counts));
+    if (!jobs || !parts || !ties || !tie_counts || !marked || !tied || !equal || !later || !per) goto done;
     n_jobs = set_ranges(t, count, chunk, per_tensor_jobs, bracketed ? ROOM_BRACKET : ROOM_ALL, jobs, parts, &room);
     /* The arena: each range's first buffers, each tensor's tie counts, the sample and a copy of the keys
        gathered (as ordered integers) for the radix select. */
@@ -892,7 +901,8 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             ends = LOWER_NINF | UPPER_INF;
             has_tie = 0;
         }
-        /* The k-th is the j-th smallest of those gathered and the ties. */
+        /* The k-th is the j-th smallest of those gathered and the ties. Each range's entries are gone
+           over by one thread (`per[p]`: an offset, then counts of that range). */
         const int64_t j = k - sure;
         uint32_t *keys = ordered;
         uint32_t *owned = NULL;
@@ -900,14 +910,24 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             owned = keys = malloc((size_t)gathered * 4 + 4);
             if (!owned) goto done;
         }
+        const int many = gathered >= PARALLEL_FIXUPS;
         int64_t m = 0, before = 0;
-        for (int64_t p = 0; p < n_jobs; p++)
+        for (int64_t p = 0; p < n_jobs; p++) {
+            per[p].at = m;
+            m += parts[p].count[0] + parts[p].count[1];
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (many)
+        for (int64_t p = 0; p < n_jobs; p++) {
+            int64_t w = per[p].at, under = 0;
             for (int b = 0; b < 2; b++)
                 for (int64_t q = 0; q < parts[p].count[b]; q++) {
                     const float v = parts[p].key[b][q];
-                    keys[m++] = order_of(v);
-                    before += has_tie && v < tie;
+                    keys[w++] = order_of(v);
+                    under += has_tie && v < tie;
                 }
+            per[p].below = under;
+        }
+        for (int64_t p = 0; p < n_jobs; p++) before += per[p].below;
         float value;
         if (has_tie && before < j && j <= before + n_ties) {
             value = tie;
@@ -925,15 +945,24 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             for (int32_t u = 0; u < count; u++) equal[u] = tied[u];
             left = n_ties - (j - before);
         } else {
-            int64_t below = (has_tie && tie < value) ? n_ties : 0, same = 0;
-            for (int32_t u = 0; u < count; u++) equal[u] = 0;
-            for (int64_t p = 0; p < n_jobs; p++)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (many)
+            for (int64_t p = 0; p < n_jobs; p++) {
+                int64_t under = 0, same = 0;
                 for (int b = 0; b < 2; b++)
                     for (int64_t q = 0; q < parts[p].count[b]; q++) {
                         const float v = parts[p].key[b][q];
-                        below += v < value;
-                        equal[parts[p].tensor] += v == value;
+                        under += v < value;
+                        same += v == value;
                     }
+                per[p].below = under;
+                per[p].equal = same;
+            }
+            int64_t below = (has_tie && tie < value) ? n_ties : 0, same = 0;
+            for (int32_t u = 0; u < count; u++) equal[u] = 0;
+            for (int64_t p = 0; p < n_jobs; p++) {
+                below += per[p].below;
+                equal[parts[p].tensor] += per[p].equal;
+            }
             for (int32_t u = 0; u < count; u++) same += equal[u];
             left = same - (j - below);
         }
@@ -942,20 +971,29 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             left -= take > 0 ? take : 0;
             equal[u] = take > 0 ? take : 0;             /* now: this tensor's `later` */
         }
-        for (int32_t u = 0; u < count; u++) t[u].picked = marked[u];
-        for (int64_t p = n_jobs - 1; p >= 0; p--) {     /* backwards: the last equal ones first */
-            select_tensor *x = &t[parts[p].tensor];
-            int64_t *later = &equal[parts[p].tensor];
+        for (int32_t u = 0; u < count; u++) later[u] = value_is_tie ? 0 : equal[u];
+        for (int64_t p = n_jobs - 1; p >= 0; p--) {     /* and each range's, the last ranges first */
+            int64_t *rest = &later[parts[p].tensor];
+            per[p].later = per[p].equal < *rest ? per[p].equal : *rest;
+            *rest -= per[p].later;
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (many)
+        for (int64_t p = 0; p < n_jobs; p++) {          /* backwards: the last equal ones first */
+            uint8_t *out = t[parts[p].tensor].out;
+            int64_t rest = per[p].later, cleared = 0;
             for (int b = 1; b >= 0; b--)
                 for (int64_t q = parts[p].count[b] - 1; q >= 0; q--) {
                     const float v = parts[p].key[b][q];
-                    if (v > value || (!value_is_tie && v == value && *later > 0)) {
-                        if (v == value) (*later)--;
-                        x->out[parts[p].index[b][q]] = remove;
-                        x->picked--;
+                    if (v > value || (v == value && rest > 0)) {
+                        rest -= v == value;
+                        out[parts[p].index[b][q]] = remove;
+                        cleared++;
                     }
                 }
+            per[p].cleared = cleared;
         }
+        for (int32_t u = 0; u < count; u++) t[u].picked = marked[u];
+        for (int64_t p = 0; p < n_jobs; p++) t[parts[p].tensor].picked -= per[p].cleared;
         if (has_tie && value <= tie) {              /* ties past the k-th, or the last of those equal to it */
             for (int32_t u = 0; u < count; u++) {
                 const int64_t s_count = slices_of(t[u].n, chunk);
@@ -979,7 +1017,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
 done:
     if (parts)
         for (int64_t j = 0; j < n_jobs; j++) { free(parts[j].index[1]); free(parts[j].key[1]); }
-    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal);
+    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal); free(later); free(per);
     pthread_mutex_unlock(&arena_lock);
     return result;
 }
