@@ -531,7 +531,7 @@ def _bracket(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: i
     """Two keys that very likely enclose the ``k``-th smallest key of the pools, from a seeded random
     sample, and the key that the sample shows most often between them (None: none twice).
 
-    The bracket reaches five standard deviations of the sampled rank either side (a larger sample
+    The bracket reaches four standard deviations of the sampled rank either side (a larger sample
     narrows it, but costs a random read per position: more than it saves in the pass). The entries
     inside a bracket go as ``total / sqrt(sample)`` and the sample's cost as ``sample``, so the sample
     grows as ``total ** (2/3)``: ``SAMPLE`` positions at 2**24 entries, ``LEAST_SAMPLE`` at the least.
@@ -561,11 +561,11 @@ def _bracket(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: i
 
 
 def _enclose(sample: torch.Tensor, q: float) -> tuple[float, float]:
-    """Two keys of ``sample`` five standard deviations of the sampled rank either side of its ``q`` quantile
+    """Two keys of ``sample`` four standard deviations of the sampled rank either side of its ``q`` quantile
     (-inf, inf: past its ends)."""
     n = sample.numel()
     rank = q * n
-    margin = 5.0 * math.sqrt(n * q * (1.0 - q)) + 3.0
+    margin = 4.0 * math.sqrt(n * q * (1.0 - q)) + 3.0
     low, high = math.floor(rank - margin), math.ceil(rank + margin)
     lower = torch.kthvalue(sample, low + 1).values.item() if low >= 0 else -math.inf
     upper = torch.kthvalue(sample, high + 1).values.item() if high < n else math.inf
