@@ -131,8 +131,8 @@ def prune_global_counted(scores: Sequence[torch.Tensor], masks: Sequence[torch.T
                          magnitude: bool = False, out: Sequence[torch.Tensor] | None = None
                          ) -> tuple[list[torch.Tensor], list[int]]:
     """``prune_global``, and the active entries each new mask keeps over all ranks (not counted again).
-    ``out``: where the new masks may be written (not ``masks``); a mask left as it was (one entry, kept)
-    is then returned itself."""
+    ``out``: where the new masks may be written (not ``masks``); a mask left as it was (empty, or down to
+    one entry, which it keeps) is then returned itself."""
     counts = _counts(masks, comm) if counts is None else list(counts)
     keep = max(keep, sum(c > 0 for c in counts))
     n_drop = sum(counts) - keep

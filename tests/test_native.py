@@ -206,3 +206,23 @@ def test_counts_are_count_nonzero(n):
     assert native.count(mask) == int(torch.count_nonzero(mask)) == int(mask.numpy().sum())
     every_other = torch.rand(2 * n + 2, generator=g) < 0.5
     assert native.count(every_other[::2]) == int(every_other[::2].numpy().sum())    # not contiguous: torch's
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_a_sparse_pool_is_gathered_whole_past_its_first_buffers(share):
+    # 12,600 pool entries in the first of two ranges of 163,840 (five slices each): a sample would read
+    # about as many positions as there are entries, so all are gathered, more than the range's first
+    # buffer holds (a twentieth of it and 4,096: 12,288), and the rest goes on in an overflow buffer.
+    # Against numpy's stable sort.
+    g = torch.Generator().manual_seed(21)
+    n, size = 10 * native.SLICE, 12_600
+    score = torch.round(torch.randn(n, generator=g), decimals=2) + 0.0
+    pool = torch.zeros(n, dtype=torch.bool)
+    pool[torch.randperm(n // 2, generator=g)[:size]] = True
+    k = int(share * size)
+    for remove in (False, True):
+        out = [torch.rand(n, generator=g) < 0.5]
+        counts = native.select([score], [pool], k, size, False, True, False, False, remove, out, True, native.SLICE)
+        assert counts is not None
+        assert (out[0].numpy() == stable_pick([score], [pool], k, False, True, False, False, remove)).all()
+        assert counts == [k]                        # how many it picks, whichever marks it writes

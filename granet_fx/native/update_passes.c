@@ -318,7 +318,7 @@ WIDEST_VECTORS static uint32_t flags_set(const uint8_t *restrict flags, int64_t 
 
 int64_t granet_count(const uint8_t *flags, int64_t n, int64_t span, int32_t threads)
 {
-    const int64_t spans = (n + span - 1) / span;
+    const int64_t spans = slices_of(n, span);
     int64_t total = 0;
     (void)threads;
 #pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
@@ -809,9 +809,8 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
     int64_t *marked = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     int64_t *tied = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     int64_t *equal = calloc((size_t)(count ? count : 1), sizeof(int64_t));
-    int64_t *later = calloc((size_t)(count ? count : 1), sizeof(int64_t));
     range_counts *per = calloc((size_t)(max_jobs ? max_jobs : 1), sizeof(range_counts));
-    if (!jobs || !parts || !ties || !tie_counts || !marked || !tied || !equal || !later || !per) goto done;
+    if (!jobs || !parts || !ties || !tie_counts || !marked || !tied || !equal || !per) goto done;
     n_jobs = set_ranges(t, count, chunk, per_tensor_jobs, bracketed ? ROOM_BRACKET : ROOM_ALL, jobs, parts, &room);
     /* The arena: each range's first buffers, each tensor's tie counts, the sample and a copy of the keys
        gathered (as ordered integers) for the radix select. */
@@ -972,9 +971,10 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
             left -= take > 0 ? take : 0;
             equal[u] = take > 0 ? take : 0;             /* now: this tensor's `later` */
         }
-        for (int32_t u = 0; u < count; u++) later[u] = value_is_tie ? 0 : equal[u];
-        for (int64_t p = n_jobs - 1; p >= 0; p--) {     /* and each range's, the last ranges first */
-            int64_t *rest = &later[parts[p].tensor];
+        /* and each range's, the last first, using `equal` up (read again only where the k-th is the tie,
+           which leaves every range's at 0) */
+        for (int64_t p = n_jobs - 1; p >= 0 && !value_is_tie; p--) {
+            int64_t *rest = &equal[parts[p].tensor];
             per[p].later = per[p].equal < *rest ? per[p].equal : *rest;
             *rest -= per[p].later;
         }
@@ -1018,7 +1018,7 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
 done:
     if (parts)
         for (int64_t j = 0; j < n_jobs; j++) { free(parts[j].index[1]); free(parts[j].key[1]); }
-    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal); free(later); free(per);
+    free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal); free(per);
     pthread_mutex_unlock(&arena_lock);
     return result;
 }
