@@ -740,10 +740,10 @@ enum { ROOM_NONE, ROOM_BRACKET, ROOM_ALL, LEAST_KEYS = 128, AHEAD = 16 };
 enum { PARALLEL_FIXUPS = 1 << 14 };     /* gathered entries from which the k-th's steps use the threads */
 
 /* How many positions the bracket samples. A position costs a random read, about three times what a key
-   left inside the bracket costs (the pass gathers it, the radix select and the fix-ups go over it: 2.4
-   times, measured on 2.4M entries), and for the k-th at the quantile q of a pool of P of the T entries,
-   m pool keys drawn (m T / P positions) leave about 8 P sqrt(q (1 - q) / m) inside: the sum, with a
-   position at 3.2 keys, is least at m = (5 P^2 sqrt(q (1 - q)) / (4 T))^(2/3).
+   left inside the bracket costs (the pass gathers it, the radix select and the fix-ups go over it), and
+   for the k-th at the quantile q of a pool of P of the T entries, m pool keys drawn (m T / P positions)
+   leave about 8 P sqrt(q (1 - q) / m) inside: the sum, with a position at 3.2 keys, is least at
+   m = (5 P^2 sqrt(q (1 - q)) / (4 T))^(2/3).
    None (every pool entry gathered) where gathering them all costs no more than the sample: a sparse pool,
    such as the drop's few active entries of a layer pruned almost empty. */
 static int64_t sample_positions(int64_t k, int64_t pool, int64_t total)
