@@ -355,8 +355,8 @@ def report(data: dict) -> str:
 
 # The controller's methods that make a phase (the innermost one running labels each aten op), and the
 # criteria functions timed inside them; those the controller at hand lacks are skipped.
-PHASES = ("_prune", "_regrow", "_pruned", "_regrown", "_update", "_zero", "apply_masks", "_count",
-          "_count_active", "_gradient_size")
+PHASES = ("_prune", "_regrow", "_pruned", "_regrown", "_regrown_compiled", "_update", "_zero", "apply_masks",
+          "_count", "_count_active", "_gradient_size")
 CRITERIA = ("prune_global", "prune_global_counted", "drop_smallest", "grow_largest")   # as the controller calls them
 # inside granet_fx.criteria (_pass and _bracket run under FSDP2 or without the compiled selection)
 INTERNALS = ("_pick", "_pass", "_bracket", "_best")
@@ -458,7 +458,17 @@ class Traffic(TorchDispatchMode):
                 self.count(f"native.{name}", sum(_nbytes(t) for t in touched), touched, layers)
                 return fn(*args, **kwargs)
             return call
-        saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops", "count")}
+        def regrow(layers, *args, **kwargs):     # per layer: the drop's, the growth's and the zeroing's passes
+            moved, passes = 0, []
+            for l in layers:
+                n, mask = l.mask.numel(), _nbytes(l.mask)
+                zero = sum(2 * _nbytes(t) for t in l.tensors) + mask * (1 + bool(l.k) + (l.dest is not None))
+                moved += zero + (_nbytes(l.weight) + _nbytes(l.grad) + 4 * mask if l.k else 0)
+                passes += [n] * (3 if l.k else 1)
+            self.count("native.regrow", moved, [], passes)
+            return saved["regrow"](layers, *args, **kwargs)
+        saved = {name: getattr(native, name) for name in ("select", "zero_where_not", "slice_tops", "count", "regrow")}
+        native.regrow = regrow
         native.select = counted("select", saved["select"], lambda scores, pools, *a, **k: [
             *scores, *pools, *(a[7] if len(a) > 7 else k["out"])])
         native.zero_where_not = counted("zero_where_not", saved["zero_where_not"], lambda tensors, keep, also=None,
@@ -608,8 +618,9 @@ def run_profile(args: argparse.Namespace) -> tuple[str, dict]:
     lines = [f"# {command()}", f"# {machine()}", f"schedule: {SCHEDULE}", f"optimizer: {OPTIMIZER}",
              "minimum by the byte model: 26 B per masked weight, one pass over each tensor",
              "bytes moved and passes count the aten ops and the compiled calls (granet_fx.native: a whole"
-             " selection, inside _pick on one process, so no _pass or _bracket; the re-masking, under _zero),"
-             " each compiled call as one read or write of its tensors", ""]
+             " selection, inside _pick on one process, so no _pass or _bracket; the re-masking, under _zero;"
+             " at an update that regrows, every layer's drop, growth and re-masking in one call, under"
+             " _regrown_compiled), each compiled call as one read or write of its tensors", ""]
     for r in rows:
         for kind, k in r["kinds"].items():
             lines.append(f"{r['label']} ({r['masked_weights']:,} masked weights in {r['layers']} layers), "

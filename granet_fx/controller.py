@@ -12,7 +12,7 @@ from torch import nn
 
 from . import native
 from .config import PRUNING_METHODS, REGROWTH_METHODS, GraNetConfig
-from .criteria import drop_smallest, grow_largest, prune_global_counted, prune_gradient_first
+from .criteria import SAMPLE, drop_smallest, grow_largest, prune_global_counted, prune_gradient_first
 from .distributed import comm_for, is_sharded, local, row_offset, shard_like
 from .report import LayerReport, SparsityReport
 from .schedule import cosine_fraction, cubic_sparsity, is_update_step, rigl_fraction
@@ -63,6 +63,7 @@ class GraNet:
         self._generator = torch.Generator().manual_seed(self.config.seed + 1)
         self._train_macs = 0.0
         self._work = None             # the mask updates' buffers, made at the first (_work_buffers)
+        self._spare_buffer = None     # and the spare (_spare)
         self._dense_macs = None
         if all(l.macs is not None for l in self.layers):
             self._dense_macs = sum(l.macs for l in self.layers)
@@ -201,9 +202,12 @@ class GraNet:
               dest: torch.Tensor | None = None) -> None:
         """Zero ``part`` of the weight ``w``, and of its optimizer state, where ``mask`` (and ``also``) is
         False; ``dest``: then copy ``also`` (or ``mask``) there."""
-        tensors = [part(w)] + [part(v) for v in self.optimizer.state.get(w, {}).values()
-                               if isinstance(v, torch.Tensor) and v.shape == w.shape]
-        _zero_where_not(tensors, mask, also, dest)
+        _zero_where_not(self._masked_by(w, part), mask, also, dest)
+
+    def _masked_by(self, w: torch.Tensor, part) -> list[torch.Tensor]:
+        """``part`` of the weight ``w`` and of its optimizer state shaped like it: what its mask zeroes."""
+        return [part(w)] + [part(v) for v in self.optimizer.state.get(w, {}).values()
+                            if isinstance(v, torch.Tensor) and v.shape == w.shape]
 
     @torch.no_grad()
     def _update(self, t: int, prune: bool, regrow: bool) -> None:
@@ -216,32 +220,79 @@ class GraNet:
         buffer a mask; then, layer by layer, the drop and the growth in the
         spare and in whichever of that buffer and the mask does not hold the
         pruned mask (the growth in the mask itself when it can), and the
-        re-masking copies the new mask into the mask in the same pass.
+        re-masking copies the new mask into the mask in the same pass. On one
+        process, one compiled call does that for every layer it can take
+        (``_regrown_compiled``: the layers side by side on the threads); the
+        loop does the rest.
         """
         current = self._masks
-        work, spare = self._work_buffers()
+        work = self._work_buffers()
         counts = self._comm.sum([native.count(m) for m in current])   # the masks may have been loaded
         masks, counts = self._pruned(t, counts, work) if prune else (current, counts)
         fraction = self.regrow_fraction(t)
+        done = self._regrown_compiled(current, masks, counts, fraction, work) if regrow else []
         for i, (m, p) in enumerate(zip(current, masks)):
-            flat, room = m.view(-1), spare[:m.numel()]
+            if i < len(done) and done[i]:
+                continue
+            flat, f = m.view(-1), p
             pruned = p.data_ptr() != m.data_ptr()          # then m is free: the growth goes there
-            f = self._regrown(i, p, counts[i], fraction, room if pruned else work[i], flat if pruned else room) \
-                if regrow else p
+            if regrow:
+                room = self._spare()[:m.numel()]
+                f = self._regrown(i, p, counts[i], fraction, room if pruned else work[i], flat if pruned else room)
             # Zeroed where p and f are not both True; m becomes f in the same pass (f may be m already).
             self._zero(self._params[self._unit_param[i]], p, lambda x, i=i: self._part(i, x), None if f is p else f,
                        m if f.data_ptr() != m.data_ptr() else None)
         self._active = dict(zip(self._names, counts))    # regrowth keeps every count
 
-    def _work_buffers(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """A flat bool buffer for each mask and a spare as long as the longest, made at the first update
-        and kept: fresh memory costs a page fault every 4 KiB, more than the selection itself."""
+    def _work_buffers(self) -> list[torch.Tensor]:
+        """A flat bool buffer for each mask, made at the first update and kept: fresh memory costs a page
+        fault every 4 KiB, more than the selection itself."""
         if self._work is None:
-            masks = self._masks
-            device = masks[0].device if masks else None
-            self._work = ([torch.empty(m.numel(), dtype=torch.bool, device=m.device) for m in masks],
-                          torch.empty(max((m.numel() for m in masks), default=0), dtype=torch.bool, device=device))
+            self._work = [torch.empty(m.numel(), dtype=torch.bool, device=m.device) for m in self._masks]
         return self._work
+
+    def _spare(self) -> torch.Tensor:
+        """A flat bool buffer as long as the longest mask, made when first needed and kept (the compiled
+        update, ``_regrown_compiled``, has its own)."""
+        if self._spare_buffer is None:
+            masks = self._masks
+            self._spare_buffer = torch.empty(max((m.numel() for m in masks), default=0), dtype=torch.bool,
+                                             device=masks[0].device if masks else None)
+        return self._spare_buffer
+
+    def _regrown_compiled(self, current: list[torch.Tensor], masks: list[torch.Tensor], counts: list[int],
+                          fraction: float, work: list[torch.Tensor]) -> list[bool]:
+        """Each unit's drop, growth and re-masking (``_regrown`` and ``_zero``) in one compiled call, where
+        ``native.regrow`` can take them (one process, CPU tensors, scores by gradient); which units it did.
+
+        Same masks and tensors, in the same buffers, as the loop in ``_update``; only the order differs:
+        each unit on one thread, the units side by side.
+        """
+        if self._comm.world > 1 or self.config.method == "set" or native.kernel() is None:
+            return []
+        layers, which = [], []
+        for i, (m, p) in enumerate(zip(current, masks)):
+            w, grad = self._weight(i).reshape(-1), self._grad(i)
+            flat, keep = m.view(-1), p.view(-1)
+            pruned = keep.data_ptr() != flat.data_ptr()
+            active = counts[i]
+            k = 0 if grad is None else min(active, math.ceil(fraction * active))
+            tensors = self._masked_by(self._params[self._unit_param[i]], lambda x, i=i: self._part(i, x))
+            if k:       # as in _update: the growth in m where it is free, else m becomes the growth
+                dropped, grown, dest = (None, flat, None) if pruned else (work[i], None, flat)
+            else:       # nothing dropped: m becomes p
+                dropped, grown, dest = None, None, flat if pruned else None
+            scores = [w] + ([grad.reshape(-1)] if grad is not None else [])
+            outs = [b for b in (dropped, grown) if b is not None]
+            if (all(t.is_floating_point() for t in tensors) and native.eligible(scores, [keep] * len(scores), outs)
+                    and native.can_zero(tensors, keep, None, dest)):
+                layers.append(native.RegrowLayer(w, grad.reshape(-1) if grad is not None else None, keep,
+                                                 dropped, grown, dest, tensors, k, active))
+                which.append(i)
+        done = [False] * len(current)
+        for i, ok in zip(which, native.regrow(layers, SAMPLE) if layers else []):
+            done[i] = ok
+        return done
 
     def _update_structured(self, t: int, prune: bool, regrow: bool) -> None:
         if prune:

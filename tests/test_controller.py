@@ -254,3 +254,45 @@ def test_remasking_writes_zero_bit_for_bit_like_masked_fill(dtype, compiled, two
         assert torch.equal(target, new)
     for got, want in zip((w, state, strided), expected):
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))  # bits: +0.0
+
+
+@pytest.mark.parametrize("method", ["granet", "rigl"])
+def test_compiled_update_and_the_layer_loop_give_the_same_masks_weights_and_momentum(method, monkeypatch):
+    # Updates that prune and regrow (granet) and that only regrow (rigl): all layers in native.regrow's one
+    # call, some of them left to the loop of _update (as a layer whose k-th key is NaN is), and the eager
+    # passes throughout; masks, weights and momentum the same bit for bit after every step.
+    from granet_fx import native
+
+    config = gf.GraNetConfig(method=method, final_sparsity=0.8, total_steps=24, update_every=3, prune_end=15)
+    data = batches(24, (8, 1, 12), 4)
+    real, calls = native.regrow, []
+
+    def run(path):
+        torch.manual_seed(3)
+        model = gf.sparsify(SmallCNN(), config)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        granet = gf.GraNet(model, opt)
+        states = []
+        with monkeypatch.context() as m:
+            if path == "eager":
+                m.setattr(native, "eligible", lambda *a: False)
+                m.setattr(native, "can_zero", lambda *a: False)
+            elif path == "some":        # every other layer reported as not done, left as it was
+                def some(layers, sample_above):
+                    done = real(layers[::2], sample_above)
+                    return [done[u // 2] if u % 2 == 0 else False for u in range(len(layers))]
+                m.setattr(native, "regrow", some)
+            else:
+                m.setattr(native, "regrow", lambda *a: calls.append(1) or real(*a))
+            for x, y in data:
+                one_step(model, opt, x, y)
+                granet.step()
+                states.append([t.clone() for t in model.state_dict().values()]
+                              + [v["momentum_buffer"].clone() for v in opt.state.values()])
+        return states
+
+    whole, some, eager = run("whole"), run("some"), run("eager")
+    # one call an update: steps 3, 6, ..., 21 (GraNet regrows at each); RigL's stop at 3/4 of the steps (18)
+    assert len(calls) == (7 if method == "granet" else 5)
+    for a, b, c in zip(whole, some, eager):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))

@@ -80,9 +80,10 @@ def test_quick_profile(tmp_path):
     assert profile["masked_weights"] == WEIGHTS["mlp"] and profile["largest_layer"] == 128 * 128
     both, regrow = profile["kinds"]["prune + regrow"], profile["kinds"]["regrow"]
     assert "prune_global_counted" in both["functions"] and "prune_global_counted" not in regrow["functions"]
-    assert "_pick" in both["functions"] and "_pick" in regrow["functions"]
-    for k in (both, regrow):
-        assert "grow_largest" in k["functions"] and k["aten_ops"]
+    assert "_pick" in both["functions"] and "_pick" not in regrow["functions"]    # the pruning's selection
+    for k in (both, regrow):        # the drops, growths and re-masking: one compiled call
+        assert "_regrown_compiled" in k["functions"] and "grow_largest" not in k["functions"] and k["aten_ops"]
+        assert k["passes_by_op"]["native.regrow"] == 3     # the drop, growth and zeroing of the 128x128 layer
         assert all(0 <= f["share"] <= 1 + 1e-9 for f in k["functions"].values())
         # any update reads the gradient, |w| and the mask and re-masks: at least the byte model's 26 B
         assert sum(k["bytes_per_masked_weight"].values()) >= 26

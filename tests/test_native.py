@@ -226,3 +226,83 @@ def test_a_sparse_pool_is_gathered_whole_past_its_first_buffers(share):
         assert counts is not None
         assert (out[0].numpy() == stable_pick([score], [pool], k, False, True, False, False, remove)).all()
         assert counts == [k]                        # how many it picks, whichever marks it writes
+
+
+def regrow_cases(seed):
+    """Layers for native.regrow: one of most of the entries (run on all threads), others around the slice
+    and sample sizes, a tiny one; rounded scores (ties, zeros of both signs); each buffer arrangement of the
+    controller (the drop in the pass's own buffer and the growth given, or the other way round, the growth
+    then copied into the mask itself), one layer with nothing to drop, one that drops every entry."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for u, (n, density) in enumerate([(300_000, 0.1), (70_001, 0.5), (20_000, 0.9), (5, 0.6), (16_385, 0.3),
+                                      (3_000, 0.05)]):
+        w = torch.round(torch.randn(n, generator=g), decimals=1) + 0.0
+        w[torch.rand(n, generator=g) < 0.05] = -0.0
+        grad = torch.round(torch.randn(n, generator=g), decimals=2)
+        mask = torch.rand(n, generator=g) < density
+        mask[0] = True
+        active = int(mask.sum())
+        k = 0 if u == 4 else active if u == 3 else math.ceil(0.3 * active)
+        tensors = [w.clone(), torch.randn(n, generator=g), torch.randn(n, generator=g, dtype=torch.float64)]
+        if u % 2:       # the drop given, the growth in the pass's buffer, then into the mask
+            arrangement = (torch.rand(n, generator=g) < 0.5, None, "mask")
+        else:           # the drop in the pass's buffer, the growth given (the mask's own, stale)
+            arrangement = (None, torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) < 0.5 if k == 0 else None)
+        layers.append((w, grad, mask, arrangement, tensors, k, active))
+    return layers
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_regrow_is_the_drop_the_growth_and_the_zeroing_by_stable_sort(threads):
+    # Each layer, against numpy's stable sort: the k smallest |w| of the mask dropped, the k largest |grad|
+    # outside what is left grown, the tensors zeroed (+0.0) where the mask and the growth are not both set,
+    # the rest bit for bit, and the growth (the mask, with nothing dropped) in the destination.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in range(3):
+            cases = regrow_cases(seed)
+            layers, before = [], []
+            for w, grad, mask, (dropped, grown, dest), tensors, k, active in cases:
+                dest = mask if isinstance(dest, str) else dest
+                before.append((mask.clone(), [t.clone() for t in tensors]))
+                layers.append(native.RegrowLayer(w, grad if k else None, mask, dropped, grown, dest, tensors, k,
+                                                 active))      # nothing to drop: no gradient needed
+            assert native.regrow(layers, criteria.SAMPLE) == [True] * len(layers)
+            for l, (w, grad, *_), (mask, tensors) in zip(layers, cases, before):
+                if l.k:
+                    kept = stable_pick([w], [mask], l.k, False, True, False, False, True)
+                    want = stable_pick([grad], [torch.from_numpy(kept)], l.k, True, True, True, True, False)
+                    assert kept.sum() == mask.sum() - l.k and want.sum() == mask.sum()
+                else:
+                    want = mask.numpy()
+                if l.k and l.grown is not None:      # with nothing dropped, no growth is written
+                    assert (l.grown.numpy() == want).all()
+                if l.dest is not None:
+                    assert (l.dest.numpy() == want).all()
+                both = mask.numpy() & want
+                for t, old in zip(l.tensors, tensors):
+                    assert (t.numpy()[~both] == 0).all() and not np.signbit(t.numpy()[~both]).any()
+                    assert (t.numpy()[both].view(np.uint8) == old.numpy()[both].view(np.uint8)).all()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_regrow_leaves_a_layer_whose_kth_key_is_nan_as_it_was():
+    # The drop's k-th |w| is NaN: that layer is reported, its mask, tensors and destination untouched;
+    # the other layer is done.
+    g = torch.Generator().manual_seed(5)
+    n = 40_000
+    layers = []
+    for bad in (True, False):
+        w = torch.full((n,), math.nan) if bad else torch.randn(n, generator=g)
+        mask = torch.rand(n, generator=g) < 0.5
+        layers.append(native.RegrowLayer(w, torch.randn(n, generator=g), mask, None, torch.zeros(n, dtype=torch.bool),
+                                         torch.zeros(n, dtype=torch.bool), [torch.randn(n, generator=g)], 100,
+                                         int(mask.sum())))
+    before = [(l.mask.clone(), l.dest.clone(), l.tensors[0].clone()) for l in layers]
+    assert native.regrow(layers, criteria.SAMPLE) == [False, True]
+    mask, dest, t = before[0]
+    assert torch.equal(layers[0].mask, mask) and torch.equal(layers[0].dest, dest)
+    assert torch.equal(layers[0].tensors[0], t) and not torch.equal(layers[1].dest, before[1][1])

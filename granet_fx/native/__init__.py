@@ -1,6 +1,7 @@
 """The passes over memory of a mask update as compiled loops: the selection pass (``criteria._pass``),
 a whole selection on one process around it (``select``), the re-masking (zeroing where a mask is
-False) and the counts of a mask's active entries.
+False), every layer's drop, growth and re-masking in one call (``regrow``) and the counts of a
+mask's active entries.
 
 An eager pass costs several aten ops per slice of a tensor, each a trip
 through memory; the loops in ``update_passes.c`` read each score and pool entry
@@ -26,6 +27,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -66,6 +68,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.granet_last_equal.restype = i64
     lib.granet_select.argtypes = [p, i32, i64, i64, i32, i32, i64, i32]
     lib.granet_select.restype = i32
+    lib.granet_regrow.argtypes = [p, i32, i32, i32, i64, i64, i64, i32]
+    lib.granet_regrow.restype = None
     lib.granet_count.argtypes = [p, i64, i64, i32]
     lib.granet_count.restype = i64
     lib.granet_openmp.restype = i32
@@ -213,6 +217,60 @@ def select(scores: Sequence[torch.Tensor], pools: Sequence[torch.Tensor], k: int
     if kernel().granet_select(tensors, len(scores), k, count, flags, int(sample), chunk, _threads()):
         return None
     return [t.picked for t in tensors[:len(scores)]]
+
+
+class _Layer(ctypes.Structure):
+    """One layer of ``regrow`` (``regrow_layer`` in the C source)."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("grad", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+                ("dropped", ctypes.c_void_p), ("grown", ctypes.c_void_p), ("dest", ctypes.c_void_p),
+                ("tensors", ctypes.c_void_p), ("sizes", ctypes.c_void_p), ("n_tensors", ctypes.c_int32),
+                ("failed", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("active", ctypes.c_int64)]
+
+
+@dataclass
+class RegrowLayer:
+    """One layer's drop, growth and re-masking for ``regrow``: ``k`` of the ``active`` entries of ``mask``
+    with the smallest ``|weight|`` dropped (into ``dropped``), then the ``k`` entries outside what is left
+    with the largest ``|grad|`` grown (into ``grown``; ``k`` = 0: neither), then ``tensors`` zeroed where
+    ``mask`` and the growth are not both True and the growth copied into ``dest``. ``dropped``, ``grown``:
+    flat bool tensors of the mask's size, not ``mask``; None for a buffer of the pass's own (one of them)."""
+
+    weight: torch.Tensor
+    grad: torch.Tensor | None     # None: k is 0
+    mask: torch.Tensor
+    dropped: torch.Tensor | None
+    grown: torch.Tensor | None
+    dest: torch.Tensor | None
+    tensors: Sequence[torch.Tensor]
+    k: int
+    active: int
+
+
+def regrow(layers: Sequence[RegrowLayer], sample_above: int) -> list[bool]:
+    """The controller's drop, growth and re-masking of each layer on one process, compiled, in one call:
+    whether each layer was done (not where a k-th key is NaN: its mask, tensors and ``dest`` are as they
+    were). Each layer's selections are ``select``'s (a sample brackets the k-th where the layer has more
+    than ``sample_above`` entries) and its zeroing ``zero_where_not``'s, with their results; a layer is done
+    whole by one thread, the layers side by side (one of at least 1/threads of all entries on all threads)."""
+    order = sorted(range(len(layers)), key=lambda u: -layers[u].mask.numel())
+    rows = (_Layer * max(1, len(layers)))()
+    kept = []       # the pointer arrays, alive through the call
+    for row, u in zip(rows, order):
+        l = layers[u]
+        pointers = (ctypes.c_void_p * max(1, len(l.tensors)))(*[t.data_ptr() for t in l.tensors])
+        sizes = (ctypes.c_int32 * max(1, len(l.tensors)))(*[t.element_size() for t in l.tensors])
+        kept += [pointers, sizes]
+        row.weight, row.grad, row.mask, row.dropped, row.grown, row.dest = (
+            None if t is None else t.data_ptr() for t in (l.weight, l.grad, l.mask, l.dropped, l.grown, l.dest))
+        row.tensors, row.sizes = ctypes.cast(pointers, ctypes.c_void_p), ctypes.cast(sizes, ctypes.c_void_p)
+        row.n_tensors, row.n, row.k, row.active = len(l.tensors), l.mask.numel(), l.k, l.active
+    kernel().granet_regrow(rows, len(layers), MAGNITUDE | REMOVE, MAGNITUDE | LARGEST | COMPLEMENT | KEEP_REST,
+                           sample_above, SLICE, SPAN, _threads())
+    done = [True] * len(layers)
+    for row, u in zip(rows, order):
+        done[u] = not row.failed
+    return done
 
 
 def _joined(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

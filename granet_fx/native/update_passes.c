@@ -494,7 +494,6 @@ int32_t granet_avx2(void)
    entries past it are undone. Returns 0, or 1 where _pick should run instead (a k-th key that is NaN,
    no memory): the outputs are then to be written again. */
 
-#include <pthread.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -515,9 +514,10 @@ typedef struct {                /* one range's gathered entries, in up to two bu
     float *key[2];
 } gathered_part;
 
-static pthread_mutex_t arena_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *arena;             /* kept between calls: fresh memory costs a page fault every 4 KiB */
-static size_t arena_bytes;
+/* Memory kept between calls (fresh memory costs a page fault every 4 KiB), a set a thread: selections on
+   different threads (granet_regrow's layers, or callers' own threads) never share it. */
+static __thread void *arena;
+static __thread size_t arena_bytes;
 
 static void *arena_of(size_t bytes)
 {
@@ -529,8 +529,8 @@ static void *arena_of(size_t bytes)
     return arena;
 }
 
-static uint8_t *ties_kept;      /* the tie flags, kept likewise */
-static size_t ties_bytes;
+static __thread uint8_t *ties_kept;     /* the tie flags */
+static __thread size_t ties_bytes;
 
 static uint8_t *tie_room(int64_t n)
 {
@@ -600,7 +600,7 @@ static inline float float_of(uint32_t u)
 static uint32_t rank_of(uint32_t *a, int64_t n, int64_t r)
 {
     enum { BITS = 11, BINS = 1 << BITS };
-    static int64_t count[BINS];    /* under arena_lock */
+    int64_t count[BINS];
     while (n > 32) {
         uint32_t lo = a[0], hi = a[0];
         for (int64_t i = 1; i < n; i++) {
@@ -798,7 +798,6 @@ int32_t granet_select(select_tensor *t, int32_t count, int64_t k, int64_t pool_c
     }
     const int64_t per_tensor_jobs = threads > 0 ? threads : 1;
     int32_t result = 1;
-    pthread_mutex_lock(&arena_lock);
     int64_t room = 0, max_jobs = 0;
     for (int32_t u = 0; u < count; u++)
         max_jobs += per_tensor_jobs < slices_of(t[u].n, chunk) ? per_tensor_jobs : slices_of(t[u].n, chunk);
@@ -1019,6 +1018,80 @@ done:
     if (parts)
         for (int64_t j = 0; j < n_jobs; j++) { free(parts[j].index[1]); free(parts[j].key[1]); }
     free(jobs); free(parts); free(ties); free(tie_counts); free(marked); free(tied); free(equal); free(per);
-    pthread_mutex_unlock(&arena_lock);
     return result;
+}
+
+
+/* A mask update's drop, growth and re-masking, layer by layer (the controller's _regrown and _zero on one
+   process) ----------------------------------------------------------------------------------------------
+
+   For each layer, as granet_select and granet_zero_where_not do them: the drop (the k smallest keys of
+   `weight` among the `active` entries of `mask`, with `drop_flags`: its REMOVE marks into `dropped`),
+   the growth (the k largest keys of `grad` outside the drop's mask, with `grow_flags`: its KEEP_REST marks
+   into `grown`), then the `tensors` zeroed where `mask` and the growth are not both set and the growth
+   copied into `dest` (with k = 0: zeroed where `mask` is clear, `mask` copied into `dest`). A NULL
+   `dropped` or `grown` is a buffer of the thread's own, kept between calls.
+
+   A layer is done whole by one thread: the selections' steps that one thread takes (the sample's random
+   reads, the radix select, the calls) then run beside another layer's instead of holding the other threads
+   back. Layers of at least 1/threads of all the entries come first, each on all the threads; then the rest,
+   taken in the order given (the largest first: the caller sorts them). `failed` is set where a selection
+   must run in _pick's own steps (a k-th key that is NaN, no memory): that layer's `mask`, `tensors` and
+   `dest` are as they were (`dropped` and `grown` may have been written). */
+
+typedef struct {
+    const float *weight, *grad;
+    const uint8_t *mask;
+    uint8_t *dropped, *grown, *dest;
+    void *const *tensors;
+    const int32_t *sizes;
+    int32_t n_tensors, failed;
+    int64_t n, k, active;
+} regrow_layer;
+
+static __thread uint8_t *spare_kept;
+static __thread size_t spare_bytes;
+
+static uint8_t *spare_room(int64_t n)
+{
+    if ((size_t)n > spare_bytes) {
+        free(spare_kept);
+        spare_kept = malloc((size_t)n);
+        spare_bytes = spare_kept ? (size_t)n : 0;
+    }
+    return spare_kept;
+}
+
+static int32_t regrow_one(regrow_layer *l, int32_t drop_flags, int32_t grow_flags, int64_t sample_above,
+                          int64_t chunk, int64_t span, int32_t threads)
+{
+    const uint8_t *keep = l->mask;
+    uint8_t *grown = NULL;
+    if (l->k > 0) {
+        uint8_t *dropped = l->dropped ? l->dropped : spare_room(l->n);
+        grown = l->grown ? l->grown : spare_room(l->n);
+        if (!dropped || !grown || dropped == grown) return 1;
+        select_tensor drop = {l->weight, l->mask, dropped, l->n, 0};
+        if (granet_select(&drop, 1, l->k, l->active, drop_flags, l->n > sample_above, chunk, threads)) return 1;
+        select_tensor grow = {l->grad, dropped, grown, l->n, 0};
+        if (granet_select(&grow, 1, l->k, l->n - l->active + l->k, grow_flags, l->n > sample_above, chunk,
+                          threads))
+            return 1;
+    }
+    granet_zero_where_not(keep, grown, l->dest, l->n, l->tensors, l->sizes, l->n_tensors, span, threads);
+    return 0;
+}
+
+void granet_regrow(regrow_layer *layers, int32_t count, int32_t drop_flags, int32_t grow_flags,
+                   int64_t sample_above, int64_t chunk, int64_t span, int32_t threads)
+{
+    int64_t total = 0;
+    for (int32_t u = 0; u < count; u++) total += layers[u].n;
+    for (int32_t u = 0; u < count; u++)
+        if (threads > 1 && layers[u].n * threads >= total)
+            layers[u].failed = regrow_one(&layers[u], drop_flags, grow_flags, sample_above, chunk, span, threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int32_t u = 0; u < count; u++)
+        if (!(threads > 1 && layers[u].n * threads >= total))
+            layers[u].failed = regrow_one(&layers[u], drop_flags, grow_flags, sample_above, chunk, span, 1);
 }
