@@ -86,6 +86,7 @@ def speed(args, tmp: str, lines: list, results: dict) -> None:
 def agreement(args, tmp: str, lines: list, results: dict) -> None:
     data = load_mnist1d()
     config = gf.GraNetConfig(final_sparsity=0.9, total_steps=args.steps)
+    torch.manual_seed(0)                 # the initial weights too, so that the run repeats
     result = train_mnist1d(Mnist1dCNN(), config, data, compile=False, seed=0)
     model = gf.fold(result.model).eval()
     float_path, int8_path = os.path.join(tmp, "mnist1d.onnx"), os.path.join(tmp, "mnist1d_int8.onnx")

@@ -70,6 +70,7 @@ def main() -> None:
 
     def train(config: gf.GraNetConfig, seed: int):
         print(f"  {config.method} {config.granularity} s={config.final_sparsity:.4f} seed {seed}", file=sys.stderr)
+        torch.manual_seed(seed)          # the initial weights too: a seed's runs start from the same network
         return train_mnist1d(Mnist1dCNN(), config, data, compile=False, seed=seed)
 
     dense = [train(gf.GraNetConfig(method="dense", total_steps=args.steps), s).accuracy for s in seeds]

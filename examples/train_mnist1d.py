@@ -60,6 +60,7 @@ def main() -> None:
     mode = "eager" if args.no_compile else "torch.compile"
     print(f"training {args.method} at {args.sparsity:.0%} sparsity for {args.steps} steps ({mode}) ...", flush=True)
     recorder = gf.RunRecorder(every=max(args.steps // 300, 1)) if args.save_run else None
+    torch.manual_seed(args.seed)        # the initial weights too: --seed repeats a run
     result = train_mnist1d(Mnist1dCNN(args.channels), config, data, compile=not args.no_compile,
                            seed=args.seed, progress=True, callback=recorder)
     print()

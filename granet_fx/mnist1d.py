@@ -86,6 +86,9 @@ def train_mnist1d(
     of training (GraNet's CIFAR recipe, in steps instead of epochs).
     ``callback(granet)``, if given, is called once before the first step and
     after every step (for example a ``granet_fx.runs.RunRecorder``).
+    ``seed`` seeds the masks, the batches' order and the controller; the
+    initial weights are the caller's: for a run that repeats, seed torch
+    before building ``model`` (as ``examples/train_mnist1d.py`` does).
     """
     steps = config.total_steps
     if not steps:

@@ -253,7 +253,7 @@ def regrow_cases(seed):
     return layers
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 4])     # 4: more threads than this machine has cores
 def test_regrow_is_the_drop_the_growth_and_the_zeroing_by_stable_sort(threads):
     # Each layer, against numpy's stable sort: the k smallest |w| of the mask dropped, the k largest |grad|
     # outside what is left grown, the tensors zeroed (+0.0) where the mask and the growth are not both set,
