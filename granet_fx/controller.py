@@ -273,21 +273,21 @@ class GraNet:
         layers, which = [], []
         for i, (m, p) in enumerate(zip(current, masks)):
             w, grad = self._weight(i).reshape(-1), self._grad(i)
+            grad = None if grad is None else grad.reshape(-1)
             flat, keep = m.view(-1), p.view(-1)
             pruned = keep.data_ptr() != flat.data_ptr()
             active = counts[i]
-            k = 0 if grad is None else min(active, math.ceil(fraction * active))
+            k = 0 if grad is None else _regrown_count(fraction, active)
             tensors = self._masked_by(self._params[self._unit_param[i]], lambda x, i=i: self._part(i, x))
             if k:       # as in _update: the growth in m where it is free, else m becomes the growth
                 dropped, grown, dest = (None, flat, None) if pruned else (work[i], None, flat)
             else:       # nothing dropped: m becomes p
                 dropped, grown, dest = None, None, flat if pruned else None
-            scores = [w] + ([grad.reshape(-1)] if grad is not None else [])
+            scores = [w] + ([grad] if grad is not None else [])
             outs = [b for b in (dropped, grown) if b is not None]
             if (all(t.is_floating_point() for t in tensors) and native.eligible(scores, [keep] * len(scores), outs)
                     and native.can_zero(tensors, keep, None, dest)):
-                layers.append(native.RegrowLayer(w, grad.reshape(-1) if grad is not None else None, keep,
-                                                 dropped, grown, dest, tensors, k, active))
+                layers.append(native.RegrowLayer(w, grad, keep, dropped, grown, dest, tensors, k, active))
                 which.append(i)
         done = [False] * len(current)
         for i, ok in zip(which, native.regrow(layers, SAMPLE) if layers else []):
@@ -340,7 +340,7 @@ class GraNet:
         if grad is None:
             return mask
         comm = self._comm
-        n = math.ceil(fraction * active)        # at most ``active``: as many dropped as regrown
+        n = _regrown_count(fraction, active)
         kept = drop_smallest(self._weight(i), mask, n, comm, active, magnitude=True, out=dropped)
         inactive = self._units[i].numel - active + n
         if self.config.method == "set":
@@ -459,6 +459,12 @@ class GraNet:
 # its time; the mask goes through a buffer of one slice (a quarter million entries: it stays in cache).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SLICE = 1 << 18
+
+
+def _regrown_count(fraction: float, active: int) -> int:
+    """How many of a layer's ``active`` entries an update drops, and regrows: at most all of them (the
+    fraction is at most 1)."""
+    return math.ceil(fraction * active)
 
 
 def _zero_where_not(tensors: list[torch.Tensor], mask: torch.Tensor, also: torch.Tensor | None = None,

@@ -258,8 +258,7 @@ def regrow(layers: Sequence[RegrowLayer], sample_above: int) -> list[bool]:
     kept = []       # the pointer arrays, alive through the call
     for row, u in zip(rows, order):
         l = layers[u]
-        pointers = (ctypes.c_void_p * max(1, len(l.tensors)))(*[t.data_ptr() for t in l.tensors])
-        sizes = (ctypes.c_int32 * max(1, len(l.tensors)))(*[t.element_size() for t in l.tensors])
+        pointers, sizes = _pointers_and_sizes(l.tensors)
         kept += [pointers, sizes]
         row.weight, row.grad, row.mask, row.dropped, row.grown, row.dest = (
             None if t is None else t.data_ptr() for t in (l.weight, l.grad, l.mask, l.dropped, l.grown, l.dest))
@@ -324,9 +323,14 @@ def zero_where_not(tensors: Sequence[torch.Tensor], keep: torch.Tensor, also: to
     """Set each of ``tensors`` to +0.0 where ``keep`` (and ``also``, when given) is False, in place; a kept
     value keeps its bits. ``dest``: then write ``also`` (or ``keep``) there, ``keep`` itself too. One read
     of the masks for all tensors, in spans on the passes' threads."""
-    n = len(tensors)
-    pointers = (ctypes.c_void_p * max(1, n))(*[t.data_ptr() for t in tensors])
-    sizes = (ctypes.c_int32 * max(1, n))(*[t.element_size() for t in tensors])
+    pointers, sizes = _pointers_and_sizes(tensors)
     kernel().granet_zero_where_not(keep.data_ptr(), also.data_ptr() if also is not None else None,
                                    dest.data_ptr() if dest is not None else None, keep.numel(),
-                                   pointers, sizes, n, SPAN, _threads())
+                                   pointers, sizes, len(tensors), SPAN, _threads())
+
+
+def _pointers_and_sizes(tensors: Sequence[torch.Tensor]):
+    """C arrays of the tensors' data pointers and element sizes, as the zeroing pass takes them."""
+    n = max(1, len(tensors))
+    return ((ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]),
+            (ctypes.c_int32 * n)(*[t.element_size() for t in tensors]))

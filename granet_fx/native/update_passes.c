@@ -296,7 +296,7 @@ static void zero_span(const uint8_t *keep, const uint8_t *also, uint8_t *dest, i
 void granet_zero_where_not(const uint8_t *keep, const uint8_t *also, uint8_t *dest, int64_t n, void *const *tensors,
                            const int32_t *sizes, int32_t count, int64_t span, int32_t threads)
 {
-    const int64_t spans = (n + span - 1) / span;
+    const int64_t spans = slices_of(n, span);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < spans; j++) {
@@ -1087,11 +1087,13 @@ void granet_regrow(regrow_layer *layers, int32_t count, int32_t drop_flags, int3
 {
     int64_t total = 0;
     for (int32_t u = 0; u < count; u++) total += layers[u].n;
+    /* the entries from which a layer runs on all the threads: 1/threads of them all */
+    const int64_t on_all = threads > 1 ? slices_of(total, threads) : INT64_MAX;
     for (int32_t u = 0; u < count; u++)
-        if (threads > 1 && layers[u].n * threads >= total)
+        if (layers[u].n >= on_all)
             layers[u].failed = regrow_one(&layers[u], drop_flags, grow_flags, sample_above, chunk, span, threads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int32_t u = 0; u < count; u++)
-        if (!(threads > 1 && layers[u].n * threads >= total))
+        if (layers[u].n < on_all)
             layers[u].failed = regrow_one(&layers[u], drop_flags, grow_flags, sample_above, chunk, span, 1);
 }
